@@ -1,0 +1,127 @@
+// CUDA dequantize: packed codes -> (K, N) weight in bf16, fp16 or f32.
+// One thread per 32-bit code word: it loads the word once and writes its P
+// rows; consecutive threads take consecutive columns, so every load and every
+// row store of a warp is coalesced.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "cuda/handlers.h"
+#include "format.h"
+#include "weight_shape.h"
+
+namespace jax_lowbit {
+namespace {
+
+namespace ffi = xla::ffi;
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+template <typename T, int kBits>
+__global__ void dequantize_kernel(const uint32_t* __restrict__ codes,
+                                  const float* __restrict__ scales,
+                                  const float* __restrict__ offsets, int64_t n,
+                                  int64_t group_rows, int64_t words, T* __restrict__ out) {
+  constexpr int kPerWord = codes_per_word(kBits);
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < words;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t word_row = i / n;
+    const int64_t col = i - word_row * n;
+    const int64_t k0 = word_row * kPerWord;
+    const int64_t sidx = (k0 / group_rows) * n + col;
+    const uint32_t word = codes[i];
+    const float scale = scales[sidx];
+    const float offset = offsets[sidx];
+#pragma unroll
+    for (int j = 0; j < kPerWord; ++j) {
+      out[(k0 + j) * n + col] = from_float<T>(dequantize_code(code_at(word, j, kBits), scale, offset));
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch(int bits, const uint32_t* codes, const float* scales, const float* offsets,
+                   const WeightShape& w, void* out, cudaStream_t stream) {
+  const int64_t words = (w.k / codes_per_word(bits)) * w.n;
+  if (words == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((words + kThreads - 1) / kThreads, 65535 * 8);
+  T* typed_out = static_cast<T*>(out);
+  switch (bits) {
+    case 2:
+      dequantize_kernel<T, 2><<<blocks, kThreads, 0, stream>>>(codes, scales, offsets, w.n,
+                                                               w.group_rows, words, typed_out);
+      break;
+    case 4:
+      dequantize_kernel<T, 4><<<blocks, kThreads, 0, stream>>>(codes, scales, offsets, w.n,
+                                                               w.group_rows, words, typed_out);
+      break;
+    default:
+      dequantize_kernel<T, 8><<<blocks, kThreads, 0, stream>>>(codes, scales, offsets, w.n,
+                                                               w.group_rows, words, typed_out);
+  }
+  return cudaGetLastError();
+}
+
+ffi::Error dequantize_impl(cudaStream_t stream, ffi::Buffer<ffi::U32> codes,
+                           ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> offsets,
+                           ffi::Result<ffi::AnyBuffer> out, int32_t bits, int64_t group_size) {
+  WeightShape w;
+  ffi::Error shape_error = weight_shape(codes.dimensions(), scales.dimensions(),
+                                        offsets.dimensions(), bits, group_size, w);
+  if (shape_error.failure()) return shape_error;
+  auto out_dims = out->dimensions();
+  if (out_dims.size() != 2 || out_dims[0] != w.k || out_dims[1] != w.n) {
+    return ffi::Error::InvalidArgument("dequantize: output must have shape (K, N)");
+  }
+  cudaError_t err;
+  switch (out->element_type()) {
+    case ffi::F32:
+      err = launch<float>(bits, codes.typed_data(), scales.typed_data(), offsets.typed_data(), w,
+                          out->untyped_data(), stream);
+      break;
+    case ffi::BF16:
+      err = launch<__nv_bfloat16>(bits, codes.typed_data(), scales.typed_data(),
+                                  offsets.typed_data(), w, out->untyped_data(), stream);
+      break;
+    case ffi::F16:
+      err = launch<__half>(bits, codes.typed_data(), scales.typed_data(), offsets.typed_data(),
+                           w, out->untyped_data(), stream);
+      break;
+    default:
+      return ffi::Error::InvalidArgument("dequantize: output dtype must be f32, bf16 or f16");
+  }
+  if (err != cudaSuccess) {
+    return ffi::Error::Internal(std::string("dequantize kernel launch failed: ") +
+                                cudaGetErrorString(err));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jax_lowbit
+
+// No host synchronization or allocation: XLA may capture it in a CUDA graph.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitDequantizeCuda, jax_lowbit::dequantize_impl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int64_t>("group_size"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

@@ -1,0 +1,14 @@
+// nanobind module _cuda: the CUDA FFI targets (platform "CUDA").
+#include <nanobind/nanobind.h>
+
+#include "cuda/handlers.h"
+
+namespace nb = nanobind;
+
+NB_MODULE(_cuda, m) {
+  m.def("registrations", []() {
+    nb::dict targets;
+    targets["jax_lowbit_dequantize"] = nb::capsule(reinterpret_cast<void*>(LowbitDequantizeCuda));
+    return targets;
+  });
+}

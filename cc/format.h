@@ -1,0 +1,45 @@
+// The packed weight format of docs/formats.md, shared by the CPU handlers and
+// the CUDA kernels so that both decode codes exactly as the Python packer
+// (jax_lowbit/formats.py) encodes them.
+#ifndef JAX_LOWBIT_FORMAT_H_
+#define JAX_LOWBIT_FORMAT_H_
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define LOWBIT_HD __host__ __device__ __forceinline__
+#else
+#define LOWBIT_HD inline
+#endif
+
+namespace jax_lowbit {
+
+// Codes of one column are packed along K into 32-bit words: P = 32 / bits
+// codes per word, word w of column n holds rows k = w*P .. w*P + P - 1.
+LOWBIT_HD constexpr int codes_per_word(int bits) { return 32 / bits; }
+
+LOWBIT_HD constexpr bool supported_bits(int bits) {
+  return bits == 2 || bits == 4 || bits == 8;
+}
+
+// Bit offset of code j (0 <= j < P) inside its word. The pair of rows
+// (2i, 2i+1) sits at the same offset i*bits of the low and the high 16-bit
+// half, so one shift and one mask bring both codes of a pair into the two
+// 16-bit lanes that a bf16x2/half2 magic-number conversion wants.
+LOWBIT_HD constexpr int code_shift(int j, int bits) {
+  return (j & 1) * 16 + (j >> 1) * bits;
+}
+
+LOWBIT_HD uint32_t code_at(uint32_t word, int j, int bits) {
+  return (word >> code_shift(j, bits)) & ((1u << bits) - 1u);
+}
+
+// Every format dequantizes with one fma: w = code * scale + offset. Symmetric
+// weights store no offset; their offset is -2^(bits-1) * scale.
+LOWBIT_HD float dequantize_code(uint32_t code, float scale, float offset) {
+  return static_cast<float>(code) * scale + offset;
+}
+
+}  // namespace jax_lowbit
+
+#endif  // JAX_LOWBIT_FORMAT_H_

@@ -1,0 +1,57 @@
+// Shape checks of a packed weight (codes, scales, offsets) shared by every
+// handler, so that a malformed call is refused with an ffi::Error before any
+// kernel reads memory.
+#ifndef JAX_LOWBIT_WEIGHT_SHAPE_H_
+#define JAX_LOWBIT_WEIGHT_SHAPE_H_
+
+#include <cstdint>
+#include <string>
+
+#include "format.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_lowbit {
+
+namespace ffi = xla::ffi;
+
+struct WeightShape {
+  int bits;
+  int64_t k;           // rows of the logical (K, N) weight
+  int64_t n;           // columns
+  int64_t group_rows;  // rows of K per scale
+  int64_t groups;      // K / group_rows
+};
+
+// codes: uint32 (K / P, N); scales and offsets: (groups, N). Fills `s` or
+// returns the error that names what is wrong.
+inline ffi::Error weight_shape(ffi::AnyBuffer::Dimensions codes,
+                               ffi::AnyBuffer::Dimensions scales,
+                               ffi::AnyBuffer::Dimensions offsets, int64_t bits,
+                               int64_t group_size, WeightShape& s) {
+  if (!supported_bits(static_cast<int>(bits))) {
+    return ffi::Error::InvalidArgument("unsupported bits " + std::to_string(bits));
+  }
+  if (codes.size() != 2 || scales.size() != 2 || offsets.size() != 2) {
+    return ffi::Error::InvalidArgument("codes, scales and offsets must be 2-D");
+  }
+  s.bits = static_cast<int>(bits);
+  s.k = codes[0] * codes_per_word(s.bits);
+  s.n = codes[1];
+  s.group_rows = group_size == -1 ? s.k : group_size;
+  if (s.group_rows <= 0 || s.k % s.group_rows != 0) {
+    return ffi::Error::InvalidArgument("group size " + std::to_string(group_size) +
+                                       " does not divide K=" + std::to_string(s.k));
+  }
+  s.groups = s.k / s.group_rows;
+  if (scales[0] != s.groups || scales[1] != s.n || offsets[0] != s.groups ||
+      offsets[1] != s.n) {
+    return ffi::Error::InvalidArgument("scales/offsets must have shape (groups, N) = (" +
+                                       std::to_string(s.groups) + ", " +
+                                       std::to_string(s.n) + ")");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace jax_lowbit
+
+#endif  // JAX_LOWBIT_WEIGHT_SHAPE_H_

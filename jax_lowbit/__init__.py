@@ -1,0 +1,33 @@
+"""jax_lowbit: low-bit (int2/int4/int8) weight matrix products for JAX.
+
+    qw = jax_lowbit.quantize(w, bits=4, group_size=128)   # w: (K, N) float
+    y = jax_lowbit.matmul(x, qw)                           # x: (..., K)
+"""
+
+from jax_lowbit._extension import build_info, target_names
+from jax_lowbit.ops import dequantize, matmul
+from jax_lowbit.quantize import quantize
+from jax_lowbit.quantized_weight import QuantizedWeight
+
+
+def export_disabled_checks():
+    """The ``disabled_checks`` that ``jax.export.export`` needs for jax_lowbit's custom calls.
+
+    ``jax.export`` refuses custom calls it does not know to be stable; the
+    deserialized module runs wherever jax_lowbit is imported (which registers
+    the targets).
+    """
+    import jax.export
+
+    return [jax.export.DisabledSafetyCheck.custom_call(name) for name in target_names()]
+
+
+__all__ = [
+    "QuantizedWeight",
+    "build_info",
+    "dequantize",
+    "export_disabled_checks",
+    "matmul",
+    "quantize",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,51 @@
+"""The packed weight format (docs/formats.md): constants and the code packer.
+
+One source of truth: the C++ handlers decode with ``cc/format.h``, which
+follows the same rules; ``tests/spec_reference.py`` decodes from the written
+spec and the tests check that all of them agree.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, -1)
+SCALE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+ACTIVATION_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def codes_per_word(bits: int) -> int:
+    """Codes in one uint32 word: 16 for int2, 8 for int4, 4 for int8."""
+    return 32 // bits
+
+
+def code_shift(j: int, bits: int) -> int:
+    """Bit offset of code ``j`` (row ``w*P + j``) inside its word.
+
+    Rows 2i and 2i+1 sit at offset i*bits of the low and the high 16-bit half,
+    so a kernel gets a pair of codes in the two 16-bit lanes with one shift
+    and one mask (the bf16x2/half2 magic-number conversion).
+    """
+    return (j % 2) * 16 + (j // 2) * bits
+
+
+def group_rows(group_size: int, k: int) -> int:
+    """Rows of K that share one scale: ``group_size``, or K for -1."""
+    return k if group_size == -1 else group_size
+
+
+def symmetric_offset(bits: int) -> int:
+    """Symmetric codes are stored offset-binary: w = (code - 2^(bits-1)) * scale."""
+    return 1 << (bits - 1)
+
+
+def pack_codes(codes: jnp.ndarray, bits: int) -> jnp.ndarray:
+    """Packs unsigned codes (K, N) into uint32 words (K / P, N)."""
+    k, n = codes.shape
+    per_word = codes_per_word(bits)
+    grouped = codes.astype(jnp.uint32).reshape(k // per_word, per_word, n)
+    shifts = np.array([code_shift(j, bits) for j in range(per_word)], np.uint32)
+    # Fields never overlap, so a sum of shifted codes is their bitwise or.
+    return jnp.sum(grouped << shifts[None, :, None], axis=1, dtype=jnp.uint32)

@@ -1,0 +1,45 @@
+"""Public operations on QuantizedWeight."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_lowbit import lowering  # noqa: F401  (registers the lowerings)
+from jax_lowbit.primitives import WeightFormat, dequantize_p, matmul_p
+from jax_lowbit.quantized_weight import QuantizedWeight
+from jax_lowbit.validation import check_float_dtype
+
+
+def _operands(qw: QuantizedWeight, caller: str):
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"{caller}: expected a QuantizedWeight, got {type(qw).__name__}")
+    fmt = WeightFormat(tuple(qw.shape), qw.bits, qw.group_size, qw.symmetric)
+    operands = (qw.codes, qw.scales) + (() if qw.offsets is None else (qw.offsets,))
+    return operands, fmt
+
+
+def dequantize(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
+    """The (K, N) weight of ``qw`` in ``dtype`` (float32, bfloat16 or float16)."""
+    check_float_dtype("dequantize dtype", dtype)
+    operands, fmt = _operands(qw, "dequantize")
+    return dequantize_p.bind(*operands, fmt=fmt, dtype=jnp.dtype(dtype))
+
+
+def matmul(x, qw: QuantizedWeight) -> jax.Array:
+    """``x @ qw.dequantize()`` with float32 accumulation, in x's dtype.
+
+    Args:
+      x: (..., K) array of dtype bfloat16, float16 or float32; any leading
+        dims (none included) are rows of the product.
+      qw: a QuantizedWeight of shape (K, N).
+
+    Returns:
+      (..., N) array of x's dtype. Differentiable with respect to x (the
+      weight is a constant); batches under ``jax.vmap`` without a loop.
+    """
+    operands, fmt = _operands(qw, "matmul")
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        x = jnp.asarray(x)
+    check_float_dtype("matmul: x", x.dtype)
+    return matmul_p.bind(x, *operands, fmt=fmt)

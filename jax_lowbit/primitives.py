@@ -1,0 +1,170 @@
+"""The JAX primitives: dequantize and matmul of a packed weight.
+
+Operands are ``(codes, scales[, offsets])`` (``x`` first for matmul), the format
+is the static ``fmt`` parameter. This module holds the shape rules, batching
+and differentiation; lowering.py holds the platform lowerings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import core as jax_core
+from jax.extend import core
+from jax.interpreters import ad, batching
+
+from jax_lowbit import validation
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightFormat:
+    """Static description of a packed weight (a primitive parameter)."""
+
+    shape: tuple[int, int]
+    bits: int
+    group_size: int
+    symmetric: bool
+
+    def split(self, weight_operands):
+        """(codes, scales, offsets or None) from the primitive's weight operands."""
+        codes, scales, *rest = weight_operands
+        return codes, scales, (rest[0] if rest else None)
+
+    def with_columns(self, n: int) -> "WeightFormat":
+        return dataclasses.replace(self, shape=(self.shape[0], n))
+
+
+dequantize_p = core.Primitive("jax_lowbit_dequantize")
+matmul_p = core.Primitive("jax_lowbit_matmul")
+
+
+# --- shape rules -----------------------------------------------------------
+
+def _check_weight(weight_avals, fmt: WeightFormat) -> None:
+    codes, scales, offsets = fmt.split(weight_avals)
+    validation.check_packed_arrays(codes, scales, offsets, fmt.shape, fmt.bits,
+                                   fmt.group_size, fmt.symmetric)
+
+
+def _dequantize_abstract_eval(*weight, fmt: WeightFormat, dtype):
+    _check_weight(weight, fmt)
+    validation.check_float_dtype("dequantize dtype", dtype)
+    return jax_core.ShapedArray(fmt.shape, dtype)
+
+
+def _matmul_abstract_eval(x, *weight, fmt: WeightFormat):
+    _check_weight(weight, fmt)
+    validation.check_float_dtype("matmul: x", x.dtype)
+    k, n = fmt.shape
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"matmul: x has shape {tuple(x.shape)}, its last dimension must equal the "
+            f"weight's K={k}")
+    return jax_core.ShapedArray(x.shape[:-1] + (n,), x.dtype)
+
+
+dequantize_p.def_abstract_eval(_dequantize_abstract_eval)
+matmul_p.def_abstract_eval(_matmul_abstract_eval)
+# Eager calls run the lowering through jit, compiled once per format.
+dequantize_p.def_impl(jax.jit(dequantize_p.bind, static_argnames=("fmt", "dtype")))
+matmul_p.def_impl(jax.jit(matmul_p.bind, static_argnames=("fmt",)))
+
+
+# --- batching --------------------------------------------------------------
+
+def _batch_axis(a, bdim, axis: int, size: int):
+    """Moves ``a``'s batch dim to ``axis``, broadcasting an unbatched ``a``."""
+    if bdim is batching.not_mapped:
+        a = jnp.expand_dims(a, axis)
+        return jnp.broadcast_to(a, a.shape[:axis] + (size,) + a.shape[axis + 1:])
+    return jnp.moveaxis(a, bdim, axis)
+
+
+def _dequantize_stacked(weight, dims, fmt: WeightFormat, dtype, size: int):
+    """Dequantizes a batch of weights to (size, K, N) with one call.
+
+    Stacking the batch beside N, (rows, B, N) -> (rows, B*N), turns B weights
+    into one weight of B*N columns: same groups, same codes per word.
+    """
+    k, n = fmt.shape
+    folded = []
+    for a, d in zip(weight, dims):
+        a = _batch_axis(a, d, 1, size)
+        folded.append(a.reshape(a.shape[0], size * n))
+    w = dequantize_p.bind(*folded, fmt=fmt.with_columns(size * n), dtype=dtype)
+    return jnp.moveaxis(w.reshape(k, size, n), 1, 0)
+
+
+def _dequantize_batch(args, dims, *, fmt, dtype):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
+    return _dequantize_stacked(args, dims, fmt, dtype, size), 0
+
+
+def _matmul_batch(args, dims, *, fmt):
+    x, *weight = args
+    x_dim, *weight_dims = dims
+    if all(d is batching.not_mapped for d in weight_dims):
+        # Leading dims of x fold into M inside the kernel: one call, no loop.
+        return matmul_p.bind(jnp.moveaxis(x, x_dim, 0), *weight, fmt=fmt), 0
+    # A batch of weights (e.g. stacked experts): dequantize all in one call
+    # and contract per batch member.
+    size = next(a.shape[d] for a, d in zip(weight, weight_dims) if d is not batching.not_mapped)
+    w = _dequantize_stacked(weight, weight_dims, fmt, x.dtype, size)
+    if x_dim is batching.not_mapped:
+        y = jnp.einsum("...k,bkn->b...n", x, w, preferred_element_type=jnp.float32)
+    else:
+        y = jnp.einsum("b...k,bkn->b...n", jnp.moveaxis(x, x_dim, 0), w,
+                       preferred_element_type=jnp.float32)
+    return y.astype(x.dtype), 0
+
+
+batching.primitive_batchers[dequantize_p] = _dequantize_batch
+batching.primitive_batchers[matmul_p] = _matmul_batch
+
+
+# --- differentiation ---------------------------------------------------------
+
+_CONSTANT_WEIGHTS = (
+    "jax_lowbit: differentiation with respect to a QuantizedWeight's scales or offsets is "
+    "not supported (quantized weights are constants); differentiate with respect to the "
+    "activations only, or wrap the weight in jax.lax.stop_gradient")
+
+
+def _require_constant_weight(weight_tangents) -> None:
+    if any(type(t) is not ad.Zero for t in weight_tangents):
+        raise TypeError(_CONSTANT_WEIGHTS)
+
+
+def _dequantize_jvp(primals, tangents, *, fmt, dtype):
+    _require_constant_weight(tangents)
+    w = dequantize_p.bind(*primals, fmt=fmt, dtype=dtype)
+    return w, ad.Zero.from_primal_value(w)
+
+
+def _matmul_jvp(primals, tangents, *, fmt):
+    x, *weight = primals
+    x_dot, *weight_dots = tangents
+    _require_constant_weight(weight_dots)
+    y = matmul_p.bind(x, *weight, fmt=fmt)
+    if type(x_dot) is ad.Zero:
+        return y, ad.Zero.from_primal_value(y)
+    return y, matmul_p.bind(x_dot, *weight, fmt=fmt)
+
+
+def _matmul_transpose(cotangent, x, *weight, fmt):
+    # matmul is linear in x only: x_bar = y_bar @ W^T.
+    if any(ad.is_undefined_primal(a) for a in weight):
+        raise TypeError(_CONSTANT_WEIGHTS)
+    if type(cotangent) is ad.Zero:
+        return (None,) + (None,) * len(weight)
+    x_dtype = x.aval.dtype
+    w = dequantize_p.bind(*weight, fmt=fmt, dtype=cotangent.dtype)
+    x_bar = jnp.einsum("...n,kn->...k", cotangent, w, preferred_element_type=jnp.float32)
+    return (x_bar.astype(x_dtype),) + (None,) * len(weight)
+
+
+ad.primitive_jvps[dequantize_p] = _dequantize_jvp
+ad.primitive_jvps[matmul_p] = _matmul_jvp
+ad.primitive_transposes[matmul_p] = _matmul_transpose

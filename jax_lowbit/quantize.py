@@ -1,0 +1,96 @@
+"""Round-to-nearest quantization of a (K, N) float weight into the packed format."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_lowbit import formats
+from jax_lowbit.quantized_weight import QuantizedWeight
+from jax_lowbit.validation import check_weight_format
+
+
+def _round_toward(value: jax.Array, dtype, direction: float) -> jax.Array:
+    """Casts float32 ``value`` to ``dtype``, rounding up (+1) or down (-1).
+
+    Directed rounding of the stored scale and offset keeps every weight of a
+    group inside the grid, so no code is clamped and the error stays within
+    half a step even for 8-bit codes with bfloat16 scales.
+    """
+    stored = value.astype(dtype)
+    back = stored.astype(jnp.float32)
+    missed = back < value if direction > 0 else back > value
+    stepped = jnp.nextafter(stored, jnp.array(direction * jnp.inf, dtype))
+    return jnp.where(missed, stepped, stored)
+
+
+def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
+             scale_dtype=jnp.bfloat16) -> QuantizedWeight:
+    """Quantizes a (K, N) weight (Flax kernel layout) to ``bits``-bit codes.
+
+    Groups of ``group_size`` consecutive rows of K (all of K for -1) share one
+    scale per column. Symmetric: a signed grid ``-2^(b-1) .. 2^(b-1)-1`` times a
+    scale, with the scale ``absmax / (2^(b-1) - 1/2)`` so both ends of the range
+    are within half a step. Asymmetric: ``code * scale + offset`` with a float
+    offset at the group minimum and codes ``0 .. 2^b - 1``. Codes are rounded
+    to nearest; the scale is rounded up and the offset down into
+    ``scale_dtype`` so that every weight stays inside the grid.
+
+    Args:
+      w: 2-D float array (K, N), (in_features, out_features).
+      bits: 2, 4 or 8.
+      group_size: 32, 64, 128, 256, or -1 for one group spanning K.
+      symmetric: signed grid and a scale (True) or scale and offset (False).
+      scale_dtype: storage dtype of scales and offsets: bfloat16 (default),
+        float16 or float32.
+
+    Returns:
+      A QuantizedWeight. Under ``jax.jit`` the check for NaN/Inf in ``w``
+      cannot run; non-finite weights then give non-finite scales.
+    """
+    if not hasattr(w, "shape") or not hasattr(w, "dtype"):
+        w = jnp.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"quantize: w must be 2-D (K, N), got shape {tuple(w.shape)}")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"quantize: w must be a float array, got dtype {w.dtype}")
+    k, n = (int(d) for d in w.shape)
+    check_weight_format(k, bits, group_size, scale_dtype)
+    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
+        raise ValueError("quantize: w contains NaN or Inf")
+
+    rows = formats.group_rows(group_size, k)
+    grouped = jnp.asarray(w, jnp.float32).reshape(k // rows, rows, n)
+    if symmetric:
+        half = formats.symmetric_offset(bits)
+        absmax = jnp.max(jnp.abs(grouped), axis=1)
+        scales = _round_toward(absmax / (half - 0.5), scale_dtype, +1)
+        offsets_f32 = -half * scales.astype(jnp.float32)
+        offsets = None
+    else:
+        low = jnp.min(grouped, axis=1)
+        high = jnp.max(grouped, axis=1)
+        offsets = _round_toward(low, scale_dtype, -1)
+        offsets_f32 = offsets.astype(jnp.float32)
+        scales = _round_toward((high - offsets_f32) / ((1 << bits) - 1), scale_dtype, +1)
+    scales_f32 = scales.astype(jnp.float32)
+    # A zero scale means a constant group: every code 0 gives back the offset.
+    safe = jnp.where(scales_f32 == 0, 1.0, scales_f32)
+    codes = jnp.round((grouped - offsets_f32[:, None, :]) / safe[:, None, :])
+    codes = jnp.clip(codes, 0, (1 << bits) - 1).reshape(k, n)
+
+    if not isinstance(scales, jax.core.Tracer):
+        stored = [scales] if offsets is None else [scales, offsets]
+        if not all(bool(jnp.all(jnp.isfinite(a))) for a in stored):
+            raise ValueError(
+                f"quantize: the weight's range overflows {jnp.dtype(scale_dtype).name} "
+                "scales; use scale_dtype=jnp.float32")
+    return QuantizedWeight(
+        codes=formats.pack_codes(codes, bits),
+        scales=scales,
+        offsets=offsets,
+        shape=(k, n),
+        bits=bits,
+        group_size=group_size,
+        symmetric=symmetric,
+    )

@@ -1,0 +1,83 @@
+"""QuantizedWeight: a packed low-bit weight as a JAX pytree."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jax_lowbit import formats
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A (K, N) weight stored as packed low-bit codes with per-group scales.
+
+    Arrays are pytree leaves; the format (shape, bits, group size, symmetry)
+    is static aux data, so a QuantizedWeight can be a ``jax.jit`` argument,
+    live in a Flax module and be saved with any pytree checkpointer.
+
+    Attributes:
+      codes: uint32 (K / P, N), P = 32 // bits codes per word (docs/formats.md).
+      scales: (groups, N) in bfloat16, float16 or float32.
+      offsets: (groups, N) like ``scales`` for asymmetric weights, None for
+        symmetric ones. A weight dequantizes as ``code * scale + offset``
+        (symmetric: ``(code - 2^(bits-1)) * scale``).
+      shape: the logical (K, N).
+      bits: 2, 4 or 8.
+      group_size: rows of K per scale (32, 64, 128, 256) or -1 for all of K.
+      symmetric: whether the grid is signed with no offset.
+    """
+
+    codes: Any
+    scales: Any
+    offsets: Any
+    shape: tuple[int, int]
+    bits: int
+    group_size: int
+    symmetric: bool
+
+    def tree_flatten(self):
+        return (self.codes, self.scales, self.offsets), (
+            self.shape,
+            self.bits,
+            self.group_size,
+            self.symmetric,
+        )
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        # No checks here: JAX rebuilds pytrees with placeholder leaves too.
+        return cls(*children, *aux)
+
+    @property
+    def groups(self) -> int:
+        """Number of scale rows: K / group_size (1 for group_size -1)."""
+        return self.shape[0] // formats.group_rows(self.group_size, self.shape[0])
+
+    @property
+    def dtype(self):
+        """The dtype of the scales (and offsets)."""
+        return self.scales.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed arrays."""
+        leaves = [self.codes, self.scales] + ([] if self.offsets is None else [self.offsets])
+        return sum(int(leaf.size) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """The (K, N) weight in ``dtype`` (float32, bfloat16 or float16)."""
+        from jax_lowbit.ops import dequantize
+
+        return dequantize(self, dtype)
+
+    def __repr__(self):
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return (
+            f"QuantizedWeight(shape={self.shape}, bits={self.bits}, "
+            f"group_size={self.group_size}, {kind}, scales={jnp.dtype(self.scales.dtype).name})"
+        )

@@ -1,0 +1,57 @@
+"""Checks that turn bad input into clear Python errors at trace time."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jax_lowbit import formats
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(jnp.dtype(d).name for d in dtypes)
+
+
+def check_weight_format(k: int, bits, group_size, scale_dtype) -> None:
+    """Raises ValueError/TypeError unless (K, bits, group_size, scale_dtype) is a valid format."""
+    if isinstance(bits, bool) or bits not in formats.SUPPORTED_BITS:
+        raise ValueError(f"unsupported bits={bits!r}; supported: {formats.SUPPORTED_BITS}")
+    if isinstance(group_size, bool) or group_size not in formats.SUPPORTED_GROUP_SIZES:
+        raise ValueError(
+            f"unsupported group_size={group_size!r}; supported: {formats.SUPPORTED_GROUP_SIZES}")
+    if group_size != -1 and k % group_size != 0:
+        raise ValueError(f"group_size={group_size} does not divide K={k}")
+    per_word = formats.codes_per_word(bits)
+    if k % per_word != 0:
+        raise ValueError(
+            f"K={k} must be a multiple of {per_word} for {bits}-bit codes "
+            f"({per_word} codes per 32-bit word); pad K")
+    if jnp.dtype(scale_dtype) not in [jnp.dtype(d) for d in formats.SCALE_DTYPES]:
+        raise TypeError(
+            f"unsupported scale dtype {jnp.dtype(scale_dtype).name}; "
+            f"supported: {_dtype_names(formats.SCALE_DTYPES)}")
+
+
+def check_float_dtype(name: str, dtype) -> None:
+    """Raises TypeError unless ``dtype`` is bfloat16, float16 or float32."""
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in formats.ACTIVATION_DTYPES]:
+        raise TypeError(
+            f"{name} must have dtype {_dtype_names(formats.ACTIVATION_DTYPES)}, got {jnp.dtype(dtype).name}")
+
+
+def check_packed_arrays(codes, scales, offsets, shape, bits, group_size, symmetric) -> None:
+    """Raises unless the packed arrays have the shapes and dtypes their format implies."""
+    k, n = shape
+    check_weight_format(k, bits, group_size, scales.dtype)
+    groups = k // formats.group_rows(group_size, k)
+    if codes.dtype != jnp.uint32 or tuple(codes.shape) != (k // formats.codes_per_word(bits), n):
+        raise ValueError(
+            f"codes must be uint32 of shape {(k // formats.codes_per_word(bits), n)}, "
+            f"got {codes.dtype} {tuple(codes.shape)}")
+    if tuple(scales.shape) != (groups, n):
+        raise ValueError(f"scales must have shape {(groups, n)}, got {tuple(scales.shape)}")
+    if symmetric != (offsets is None):
+        raise ValueError("offsets must be None exactly when the weight is symmetric")
+    if offsets is not None and (tuple(offsets.shape) != (groups, n) or offsets.dtype != scales.dtype):
+        raise ValueError(
+            f"offsets must be {scales.dtype} of shape {(groups, n)}, "
+            f"got {offsets.dtype} {tuple(offsets.shape)}")
