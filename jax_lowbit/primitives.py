@@ -76,7 +76,7 @@ matmul_p.def_impl(jax.jit(matmul_p.bind, static_argnames=("fmt",)))
 
 def _batch_axis(a, bdim, axis: int, size: int):
     """Moves ``a``'s batch dim to ``axis``, broadcasting an unbatched ``a``."""
-    if bdim is batching.not_mapped:
+    if bdim is None:
         a = jnp.expand_dims(a, axis)
         return jnp.broadcast_to(a, a.shape[:axis] + (size,) + a.shape[axis + 1:])
     return jnp.moveaxis(a, bdim, axis)
@@ -98,21 +98,21 @@ def _dequantize_stacked(weight, dims, fmt: WeightFormat, dtype, size: int):
 
 
 def _dequantize_batch(args, dims, *, fmt, dtype):
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     return _dequantize_stacked(args, dims, fmt, dtype, size), 0
 
 
 def _matmul_batch(args, dims, *, fmt):
     x, *weight = args
     x_dim, *weight_dims = dims
-    if all(d is batching.not_mapped for d in weight_dims):
+    if all(d is None for d in weight_dims):
         # Leading dims of x fold into M inside the kernel: one call, no loop.
         return matmul_p.bind(jnp.moveaxis(x, x_dim, 0), *weight, fmt=fmt), 0
     # A batch of weights (e.g. stacked experts): dequantize all in one call
     # and contract per batch member.
-    size = next(a.shape[d] for a, d in zip(weight, weight_dims) if d is not batching.not_mapped)
+    size = next(a.shape[d] for a, d in zip(weight, weight_dims) if d is not None)
     w = _dequantize_stacked(weight, weight_dims, fmt, x.dtype, size)
-    if x_dim is batching.not_mapped:
+    if x_dim is None:
         y = jnp.einsum("...k,bkn->b...n", x, w, preferred_element_type=jnp.float32)
     else:
         y = jnp.einsum("b...k,bkn->b...n", jnp.moveaxis(x, x_dim, 0), w,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import jax
+import jax.export
 import jax.numpy as jnp
 
 from jax_lowbit import formats
@@ -81,3 +83,13 @@ class QuantizedWeight:
             f"QuantizedWeight(shape={self.shape}, bits={self.bits}, "
             f"group_size={self.group_size}, {kind}, scales={jnp.dtype(self.scales.dtype).name})"
         )
+
+
+# Lets jax.export serialize functions that take or return a QuantizedWeight.
+jax.export.register_pytree_node_serialization(
+    QuantizedWeight,
+    serialized_name="jax_lowbit.QuantizedWeight",
+    serialize_auxdata=lambda aux: json.dumps(aux).encode(),
+    deserialize_auxdata=lambda data: (lambda s, b, g, sym: (tuple(s), b, g, sym))(
+        *json.loads(data)),
+)

@@ -1,0 +1,22 @@
+import secrets
+
+import jax
+import numpy as np
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    if jax.default_backend() == "gpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU as JAX's default backend")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh random generator per test; its seed is printed on failure."""
+    seed = secrets.randbits(32)
+    print(f"rng seed: {seed}")
+    return np.random.default_rng(seed)

@@ -1,0 +1,118 @@
+"""quantize(): error bounds, edge groups, and the QuantizedWeight pytree."""
+
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_lowbit
+from jax_lowbit import QuantizedWeight
+
+import spec_reference
+
+
+def _group_repeat(a, qw):
+    rows = qw.shape[0] if qw.group_size == -1 else qw.group_size
+    return np.repeat(np.asarray(a, np.float64), rows, axis=0)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_error_within_half_step(bits, group_size, symmetric, rng):
+    w = rng.normal(scale=0.05, size=(512, 48)).astype(np.float32)
+    qw = jax_lowbit.quantize(jnp.asarray(w), bits, group_size, symmetric=symmetric)
+    assert qw.shape == (512, 48) and qw.bits == bits
+    assert qw.group_size == group_size and qw.symmetric == symmetric
+    assert (qw.offsets is None) == symmetric
+    deq = spec_reference.dequantize_weight(qw)
+    step = _group_repeat(qw.scales, qw)
+    # Round to nearest with no clamping: within half a step (plus f32 rounding).
+    assert np.all(np.abs(deq - w) <= 0.5 * step * (1 + 1e-5) + 1e-7)
+    # And the handler's dequantize equals the spec's.
+    np.testing.assert_allclose(np.asarray(qw.dequantize()), deq, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_grid_is_used_end_to_end(bits, symmetric, rng):
+    """Asymmetric codes span 0 .. 2^bits - 1. Symmetric ones span 1 .. 2^bits - 1:
+    the scale absmax / (2^(b-1) - 1/2) puts -absmax half a step above code 0."""
+    w = rng.uniform(-1, 1, size=(256, 64)).astype(np.float32)
+    qw = jax_lowbit.quantize(w, bits, 128, symmetric=symmetric)
+    codes = spec_reference.decode_codes(np.asarray(qw.codes), bits)
+    assert codes.min() == (1 if symmetric else 0) and codes.max() == (1 << bits) - 1
+
+
+@pytest.mark.parametrize("scale_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_scale_dtypes(scale_dtype, symmetric, rng):
+    w = rng.normal(size=(128, 32)).astype(np.float32)
+    qw = jax_lowbit.quantize(w, 4, 32, symmetric=symmetric, scale_dtype=scale_dtype)
+    assert qw.scales.dtype == jnp.dtype(scale_dtype)
+    if not symmetric:
+        assert qw.offsets.dtype == jnp.dtype(scale_dtype)
+    deq = spec_reference.dequantize_weight(qw)
+    assert np.all(np.abs(deq - w) <= 0.5 * _group_repeat(qw.scales, qw) * (1 + 1e-5) + 1e-7)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_zero_and_constant_groups_are_finite(bits, symmetric, rng):
+    w = rng.normal(size=(128, 8)).astype(np.float32)
+    w[:32, 0] = 0.0          # a zero group
+    w[32:64, 1] = 0.375      # constant groups (exact in bf16)
+    w[64:96, 2] = -1.5
+    qw = jax_lowbit.quantize(w, bits, 32, symmetric=symmetric)
+    deq = np.asarray(qw.dequantize())
+    assert np.all(np.isfinite(deq))
+    np.testing.assert_array_equal(deq[:32, 0], 0.0)
+    if symmetric:  # a signed grid holds a constant within half a step
+        step = _group_repeat(qw.scales, qw)
+        assert np.all(np.abs(deq - w) <= 0.5 * step * (1 + 1e-5))
+    else:  # the offset holds it exactly
+        np.testing.assert_array_equal(deq[32:64, 1], 0.375)
+        np.testing.assert_array_equal(deq[64:96, 2], -1.5)
+
+
+def test_dequantize_dtypes(rng):
+    w = rng.normal(size=(64, 16)).astype(np.float32)
+    qw = jax_lowbit.quantize(w, 4, 32)
+    ref = spec_reference.dequantize_weight(qw)
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        d = qw.dequantize(dtype)
+        assert d.dtype == jnp.dtype(dtype) and d.shape == (64, 16)
+        np.testing.assert_allclose(np.asarray(d, np.float64), ref, rtol=1e-2, atol=1e-3)
+
+
+def test_quantize_under_jit(rng):
+    w = jnp.asarray(rng.normal(size=(128, 24)), jnp.float32)
+    eager = jax_lowbit.quantize(w, 4, 64, symmetric=False)
+    traced = jax.jit(lambda a: jax_lowbit.quantize(a, 4, 64, symmetric=False))(w)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(traced)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_pytree_roundtrip_and_save(symmetric, rng, tmp_path):
+    qw = jax_lowbit.quantize(rng.normal(size=(64, 32)).astype(np.float32), 2, 32,
+                             symmetric=symmetric)
+    leaves, treedef = jax.tree.flatten(qw)
+    assert len(leaves) == (2 if symmetric else 3)
+    # Save as host arrays and load back: the format travels as static aux data.
+    (tmp_path / "w.pkl").write_bytes(pickle.dumps(jax.tree.map(np.asarray, qw)))
+    loaded = pickle.loads((tmp_path / "w.pkl").read_bytes())
+    again = jax.tree.map(jnp.asarray, loaded)
+    assert jax.tree.structure(again) == treedef
+    assert isinstance(again, QuantizedWeight)
+    assert (again.shape, again.bits, again.group_size, again.symmetric) == (
+        qw.shape, qw.bits, qw.group_size, qw.symmetric)
+    np.testing.assert_array_equal(np.asarray(again.dequantize()), np.asarray(qw.dequantize()))
+
+
+def test_nbytes_and_repr(rng):
+    qw = jax_lowbit.quantize(rng.normal(size=(256, 64)).astype(np.float32), 4, 128)
+    assert qw.nbytes == 256 * 64 // 2 + 2 * 64 * 2
+    assert "bits=4" in repr(qw) and qw.groups == 2
