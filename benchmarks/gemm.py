@@ -1,0 +1,153 @@
+"""Suite benchmark: the four linear layers of a Llama-3-8B block, two copies each.
+
+Times one pass over the four layers (µs) for bf16 jnp.dot, XLA's own int4 g128
+path and jax_lowbit's formats, all in one process, and reports the speedups
+and the fraction of the bytes-over-bandwidth floor (bandwidth measured here by
+a device-to-device copy). Usage:
+
+    python benchmarks/gemm.py [--m 1 16 64 256 1024 4096] [--json out.json] [--plot out.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_lowbit
+
+SUITE = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+COPIES = 2  # two copies of each layer, run in turn, so weights never sit in L2
+FORMATS = [(4, True), (4, False), (2, True), (2, False)]
+GROUP = 128
+
+
+def _timed(fn, args, repeats: int) -> float:
+    """Median seconds per pass of ``fn`` (which runs ``repeats`` passes)."""
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append((time.perf_counter() - start) / repeats)
+    return float(np.median(samples))
+
+
+def _passes(layer_fn, repeats: int):
+    """jit of ``repeats`` dependent passes over every layer copy.
+
+    Each pass perturbs x by the previous pass's output so XLA can neither
+    hoist nor drop the products; the perturbation is negligible work.
+    """
+
+    def run(xs, weights):
+        def body(_, carry):
+            total = carry
+            for i, w in enumerate(weights):
+                x = xs[i % len(SUITE)]
+                y = layer_fn(x + (total * 1e-30).astype(x.dtype), w)
+                total = total + y[0, 0].astype(jnp.float32)
+            return total
+
+        return jax.lax.fori_loop(0, repeats, body, jnp.float32(0))
+
+    return jax.jit(run)
+
+
+def _xla_int4_layer(x, w):
+    codes, scales = w
+    k, n = codes.shape
+    deq = (codes.astype(jnp.bfloat16).reshape(k // GROUP, GROUP, n) * scales[:, None, :])
+    return jnp.dot(x, deq.reshape(k, n), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _bf16_layer(x, w):
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def measure_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
+    a = jnp.ones((1 << 29,), jnp.bfloat16)
+    copy = jax.jit(lambda v: v * jnp.bfloat16(1.0001))
+    seconds = _timed(lambda v: copy(v), (a,), 1)
+    return 2 * a.nbytes / seconds
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json")
+    parser.add_argument("--plot")
+    args = parser.parse_args()
+
+    device = jax.devices()[0]
+    bandwidth = measure_bandwidth()
+    print(f"device: {device.device_kind}; date {datetime.date.today()}; jax {jax.__version__}; "
+          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+
+    key = jax.random.key(0)
+    dense = [jax.random.normal(jax.random.fold_in(key, i), SUITE[i % 4], jnp.bfloat16) * 0.02
+             for i in range(4 * COPIES)]
+    weights = {"bf16": dense}
+    weights["xla int4 g128"] = [
+        (jnp.clip(jnp.round(w / 0.005), -8, 7).astype(jnp.int4),
+         jnp.full((w.shape[0] // GROUP, w.shape[1]), 0.005, jnp.bfloat16)) for w in dense]
+    for bits, sym in FORMATS:
+        name = f"int{bits} g{GROUP} {'sym' if sym else 'asym'}"
+        weights[name] = [jax_lowbit.quantize(w, bits, GROUP, symmetric=sym) for w in dense]
+    layer_fns = {"bf16": _bf16_layer, "xla int4 g128": _xla_int4_layer}
+    floors = {name: sum(leaf.nbytes for w in ws[:4] for leaf in jax.tree.leaves(w)) / bandwidth
+              for name, ws in weights.items()}
+
+    results = {}
+    for m in args.m:
+        xs = [jax.random.normal(jax.random.fold_in(key, 100 + i), (m, SUITE[i][0]), jnp.bfloat16)
+              for i in range(4)]
+        row = {}
+        for name, ws in weights.items():
+            fn = _passes(layer_fns.get(name, jax_lowbit.matmul), args.repeats)
+            row[name] = _timed(fn, (xs, ws), args.repeats * COPIES) * 1e6
+        results[m] = row
+        base, xla4 = row["bf16"], row["xla int4 g128"]
+        print(f"\nM={m}: bf16 {base:.1f} µs, xla int4 g128 {xla4:.1f} µs")
+        for name in weights:
+            if name in layer_fns:
+                continue
+            print(f"  {name:16s} {row[name]:9.1f} µs  x{base / row[name]:5.2f} vs bf16  "
+                  f"x{xla4 / row[name]:5.2f} vs xla int4  floor {floors[name] * 1e6 / row[name]:6.1%}")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device.device_kind, "date": str(datetime.date.today()),
+                       "bandwidth": bandwidth, "floors_us": {k: v * 1e6 for k, v in floors.items()},
+                       "results_us": results}, f, indent=1)
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in weights:
+            if name == "bf16":
+                continue
+            ax.plot(args.m, [results[m]["bf16"] / results[m][name] for m in args.m], "o-",
+                    label=name)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (rows of x)")
+        ax.set_ylabel("speedup over bf16 jnp.dot")
+        ax.set_title(f"Llama-3-8B block suite, {device.device_kind}, {datetime.date.today()}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

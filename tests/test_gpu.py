@@ -1,0 +1,61 @@
+"""CUDA path: the dequantize kernel writes every element, matmul matches the reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_lowbit
+
+import spec_reference
+
+pytestmark = pytest.mark.gpu
+
+
+def _poisoned_dequantize(qw, dtype):
+    """Dequantizes into a donated NaN-filled buffer; returns (out, written in place)."""
+    poison = jnp.full(qw.shape, jnp.nan, dtype)
+    pointer = poison.unsafe_buffer_pointer()
+    out = jax.jit(lambda p, q: q.dequantize(dtype), donate_argnums=0, keep_unused=True)(poison, qw)
+    return out, out.unsafe_buffer_pointer() == pointer
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_dequantize_kernel_writes_every_element(bits, group_size, symmetric, dtype, rng):
+    k, n = 512, 200  # N not a multiple of the block size
+    qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, group_size,
+                             symmetric=symmetric)
+    out, in_place = _poisoned_dequantize(qw, dtype)
+    assert in_place, "XLA did not write the kernel's output into the poisoned buffer"
+    got = np.asarray(out.astype(jnp.float32), np.float64)
+    assert np.all(np.isfinite(got)), "some elements were never written"
+    want = spec_reference.dequantize_weight(qw)
+    rtol = {jnp.float32: 1e-6, jnp.bfloat16: 2 ** -8, jnp.float16: 2 ** -11}[dtype]
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6)
+
+
+def test_repeated_runs_identical(rng):
+    qw = jax_lowbit.quantize(rng.normal(size=(1024, 512)).astype(np.float32), 4, 128)
+    x = jnp.asarray(rng.normal(size=(64, 1024)), jnp.bfloat16)
+    f = jax.jit(jax_lowbit.matmul)
+    first = np.asarray(f(x, qw).astype(jnp.float32))
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(f(x, qw).astype(jnp.float32)), first)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 300, 4096])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_matmul_on_gpu(m, bits, rng):
+    k, n = 1024, 384
+    qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, 128,
+                             symmetric=bool(m % 2))
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    y = jax.jit(jax_lowbit.matmul)(x, qw)
+    assert y.dtype == jnp.bfloat16 and y.shape == (m, n)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    w = spec_reference.dequantize_weight(qw)
+    err = np.abs(np.asarray(y.astype(jnp.float32), np.float64) - x64 @ w)
+    assert np.all(err <= 1e-2 * (np.abs(x64) @ np.abs(w)) + 1e-3)
