@@ -18,7 +18,7 @@ import numpy as np
 from jax.interpreters import mlir
 
 from jax_lowbit import _extension, formats
-from jax_lowbit.primitives import WeightFormat, dequantize_p, matmul_p
+from jax_lowbit.primitives import WeightFormat, contract, dequantize_p, matmul_p
 
 
 def _handler_operands(weight, fmt: WeightFormat):
@@ -65,9 +65,7 @@ def _dequantize_cuda(*weight, fmt: WeightFormat, dtype):
 
 def _matmul_cuda(x, *weight, fmt: WeightFormat):
     _require_cuda()
-    w = _dequantize_call(weight, fmt, x.dtype)
-    y = jnp.einsum("...k,kn->...n", x, w, preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)
+    return contract("...k,kn->...n", x, _dequantize_call(weight, fmt, x.dtype))
 
 
 def _register(primitive, fn, platform: str) -> None:

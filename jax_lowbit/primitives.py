@@ -72,6 +72,14 @@ dequantize_p.def_impl(jax.jit(dequantize_p.bind, static_argnames=("fmt", "dtype"
 matmul_p.def_impl(jax.jit(matmul_p.bind, static_argnames=("fmt",)))
 
 
+def contract(spec: str, a, b):
+    """einsum with float32 accumulation, in full float32 precision for float32
+    operands (GPUs would otherwise use TF32), cast back to ``a``'s dtype."""
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    y = jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=precision)
+    return y.astype(a.dtype)
+
+
 # --- batching --------------------------------------------------------------
 
 def _batch_axis(a, bdim, axis: int, size: int):
@@ -113,11 +121,8 @@ def _matmul_batch(args, dims, *, fmt):
     size = next(a.shape[d] for a, d in zip(weight, weight_dims) if d is not None)
     w = _dequantize_stacked(weight, weight_dims, fmt, x.dtype, size)
     if x_dim is None:
-        y = jnp.einsum("...k,bkn->b...n", x, w, preferred_element_type=jnp.float32)
-    else:
-        y = jnp.einsum("b...k,bkn->b...n", jnp.moveaxis(x, x_dim, 0), w,
-                       preferred_element_type=jnp.float32)
-    return y.astype(x.dtype), 0
+        return contract("...k,bkn->b...n", x, w), 0
+    return contract("b...k,bkn->b...n", jnp.moveaxis(x, x_dim, 0), w), 0
 
 
 batching.primitive_batchers[dequantize_p] = _dequantize_batch
@@ -159,10 +164,9 @@ def _matmul_transpose(cotangent, x, *weight, fmt):
         raise TypeError(_CONSTANT_WEIGHTS)
     if type(cotangent) is ad.Zero:
         return (None,) + (None,) * len(weight)
-    x_dtype = x.aval.dtype
     w = dequantize_p.bind(*weight, fmt=fmt, dtype=cotangent.dtype)
-    x_bar = jnp.einsum("...n,kn->...k", cotangent, w, preferred_element_type=jnp.float32)
-    return (x_bar.astype(x_dtype),) + (None,) * len(weight)
+    x_bar = contract("...n,kn->...k", cotangent, w).astype(x.aval.dtype)
+    return (x_bar,) + (None,) * len(weight)
 
 
 ad.primitive_jvps[dequantize_p] = _dequantize_jvp

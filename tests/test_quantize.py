@@ -87,12 +87,19 @@ def test_dequantize_dtypes(rng):
         np.testing.assert_allclose(np.asarray(d, np.float64), ref, rtol=1e-2, atol=1e-3)
 
 
-def test_quantize_under_jit(rng):
-    w = jnp.asarray(rng.normal(size=(128, 24)), jnp.float32)
-    eager = jax_lowbit.quantize(w, 4, 64, symmetric=False)
-    traced = jax.jit(lambda a: jax_lowbit.quantize(a, 4, 64, symmetric=False))(w)
-    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(traced)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_under_jit(symmetric, rng):
+    w = rng.normal(size=(128, 24)).astype(np.float32)
+    eager = jax_lowbit.quantize(w, 4, 64, symmetric=symmetric)
+    traced = jax.jit(lambda a: jax_lowbit.quantize(a, 4, 64, symmetric=symmetric))(w)
+    assert jax.tree.structure(eager) == jax.tree.structure(traced)
+    # Fused and op-by-op float arithmetic may round a tie differently on some
+    # backends: each result is within half a step, so they differ by at most one.
+    for qw in (eager, traced):
+        step = _group_repeat(qw.scales, qw)
+        assert np.all(np.abs(spec_reference.dequantize_weight(qw) - w) <= 0.5 * step * (1 + 1e-5))
+    np.testing.assert_allclose(np.asarray(eager.scales, np.float32),
+                               np.asarray(traced.scales, np.float32), rtol=2 ** -7)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
