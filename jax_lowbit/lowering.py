@@ -2,9 +2,9 @@
 
 CPU: the C++ handlers take float32 scales, offsets, x and y; dtype
 conversions around the call are left to XLA, which fuses them.
-CUDA: the dequantize kernel writes the weight in the output dtype; matmul is,
-until the fused GEMM kernels land, that dequantize followed by XLA's dot.
-Both handlers compute ``code * scale + offset``; symmetric weights get their
+CUDA: matmul with int4/int2 codes, bf16/fp16 x and at most 16 rows runs the
+fused small-M kernel (cc/cuda/gemm_small_m.cu); everything else is the
+dequantize kernel followed by XLA's dot. The CPU and dequantize handlers compute ``code * scale + offset``; symmetric weights get their
 offset ``-2^(bits-1) * scale`` here.
 """
 
@@ -63,9 +63,31 @@ def _dequantize_cuda(*weight, fmt: WeightFormat, dtype):
     return _dequantize_call(weight, fmt, dtype)
 
 
+SMALL_M_MAX_ROWS = 16
+
+
+def uses_small_m_kernel(fmt: WeightFormat, dtype, rows: int) -> bool:
+    """Whether a CUDA matmul of ``rows`` rows of ``dtype`` runs the fused small-M kernel."""
+    k, n = fmt.shape
+    return (fmt.bits in (2, 4) and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and 0 < rows <= SMALL_M_MAX_ROWS and n % 4 == 0
+            and k % (4 * formats.codes_per_word(fmt.bits)) == 0)
+
+
 def _matmul_cuda(x, *weight, fmt: WeightFormat):
     _require_cuda()
-    return contract("...k,kn->...n", x, _dequantize_call(weight, fmt, x.dtype))
+    k, n = fmt.shape
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    if not uses_small_m_kernel(fmt, x.dtype, rows):
+        return contract("...k,kn->...n", x, _dequantize_call(weight, fmt, x.dtype))
+    codes, scales, offsets = fmt.split(weight)
+    scales = scales.astype(x.dtype)
+    # The kernel reads no offsets for symmetric weights; the slot holds the scales.
+    offsets = scales if offsets is None else offsets.astype(x.dtype)
+    y = jax.ffi.ffi_call("jax_lowbit_gemm_small_m", jax.ShapeDtypeStruct((rows, n), x.dtype))(
+        x.reshape(rows, k), codes, scales, offsets, symmetric=fmt.symmetric,
+        **_attributes(fmt))
+    return y.reshape(x.shape[:-1] + (n,))
 
 
 def _register(primitive, fn, platform: str) -> None:

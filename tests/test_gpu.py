@@ -12,12 +12,19 @@ import spec_reference
 pytestmark = pytest.mark.gpu
 
 
-def _poisoned_dequantize(qw, dtype):
-    """Dequantizes into a donated NaN-filled buffer; returns (out, written in place)."""
-    poison = jnp.full(qw.shape, jnp.nan, dtype)
+def _poisoned(fn, shape, dtype, *args):
+    """Runs fn(*args) with its output in a donated NaN-filled buffer.
+
+    Returns (output, whether XLA wrote the output into the poisoned buffer).
+    """
+    poison = jnp.full(shape, jnp.nan, dtype)
     pointer = poison.unsafe_buffer_pointer()
-    out = jax.jit(lambda p, q: q.dequantize(dtype), donate_argnums=0, keep_unused=True)(poison, qw)
+    out = jax.jit(lambda p, *a: fn(*a), donate_argnums=0, keep_unused=True)(poison, *args)
     return out, out.unsafe_buffer_pointer() == pointer
+
+
+def _poisoned_dequantize(qw, dtype):
+    return _poisoned(lambda q: q.dequantize(dtype), qw.shape, dtype, qw)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -44,6 +51,29 @@ def test_repeated_runs_identical(rng):
     first = np.asarray(f(x, qw).astype(jnp.float32))
     for _ in range(3):
         np.testing.assert_array_equal(np.asarray(f(x, qw).astype(jnp.float32)), first)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_small_m_kernel_writes_every_element(m, bits, group_size, symmetric, dtype, rng):
+    k, n = 512, 200  # N not a multiple of the CTA's 32 columns
+    qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, group_size,
+                             symmetric=symmetric)
+    x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    y, in_place = _poisoned(jax_lowbit.matmul, (m, n), dtype, x, qw)
+    assert in_place, "XLA did not write the kernel's output into the poisoned buffer"
+    got = np.asarray(y.astype(jnp.float32), np.float64)
+    assert np.all(np.isfinite(got)), "some elements were never written"
+    # Reference: weights rounded to x's dtype (as the kernel does), f64 products.
+    w = np.asarray(jnp.asarray(spec_reference.dequantize_weight(qw), dtype).astype(jnp.float32),
+                   np.float64)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    want = x64 @ w
+    tol = (2 ** -7 if dtype == jnp.bfloat16 else 2 ** -10) * (np.abs(x64) @ np.abs(w)) + 1e-3
+    assert np.all(np.abs(got - want) <= tol)
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 300, 4096])

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <string>
 
+#include "cuda/convert.cuh"
 #include "cuda/handlers.h"
 #include "format.h"
 #include "weight_shape.h"
@@ -18,17 +19,6 @@ namespace jax_lowbit {
 namespace {
 
 namespace ffi = xla::ffi;
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
 template <typename T, int kBits>
 __global__ void dequantize_kernel(const uint32_t* __restrict__ codes,

@@ -4,5 +4,6 @@
 #include "xla/ffi/api/ffi.h"
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowbitDequantizeCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(LowbitGemmSmallMCuda);
 
 #endif  // JAX_LOWBIT_CUDA_HANDLERS_H_

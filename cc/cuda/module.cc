@@ -9,6 +9,7 @@ NB_MODULE(_cuda, m) {
   m.def("registrations", []() {
     nb::dict targets;
     targets["jax_lowbit_dequantize"] = nb::capsule(reinterpret_cast<void*>(LowbitDequantizeCuda));
+    targets["jax_lowbit_gemm_small_m"] = nb::capsule(reinterpret_cast<void*>(LowbitGemmSmallMCuda));
     return targets;
   });
 }

@@ -1,0 +1,23 @@
+// float -> output element conversions shared by the CUDA kernels.
+#ifndef JAX_LOWBIT_CUDA_CONVERT_CUH_
+#define JAX_LOWBIT_CUDA_CONVERT_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace jax_lowbit {
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+}  // namespace jax_lowbit
+
+#endif  // JAX_LOWBIT_CUDA_CONVERT_CUH_
