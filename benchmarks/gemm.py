@@ -41,14 +41,22 @@ def _timed(fn, args, passes: int) -> float:
 def _passes(layer_fn):
     """jit of several passes over every layer copy, one input set per pass.
 
-    Distinct inputs keep XLA from merging passes; returning every output keeps
-    it from dropping any. Nothing else runs between the products, and one
-    dispatch is spread over all of them.
+    Returning every output keeps XLA from dropping any product. Each pass's
+    inputs go through an optimization barrier with the previous pass's
+    outputs, so XLA can neither merge the products that share a weight (its
+    dot merger would otherwise run all passes as one larger product) nor
+    reorder passes; the barrier launches nothing. One dispatch is spread over
+    all the products.
     """
 
     def run(xs_per_pass, weights):
-        return [[layer_fn(xs[i % len(SUITE)], w) for i, w in enumerate(weights)]
-                for xs in xs_per_pass]
+        outputs = []
+        previous = []
+        for xs in xs_per_pass:
+            xs, previous = jax.lax.optimization_barrier((xs, previous))
+            previous = [layer_fn(xs[i % len(SUITE)], w) for i, w in enumerate(weights)]
+            outputs.append(previous)
+        return outputs
 
     return jax.jit(run)
 
@@ -68,8 +76,13 @@ def measure_bandwidth() -> float:
     """Bytes per second of device-to-device copies of 1 GiB (read + write)."""
     a = jnp.ones((1 << 29,), jnp.bfloat16)
     copies = 8
-    copy = jax.jit(lambda v: [v + jnp.bfloat16(i) for i in range(copies)])
-    return 2 * a.nbytes / _timed(copy, (a,), copies)
+
+    def chain(v):  # each copy reads the previous one: no fusion, no merging
+        for _ in range(copies):
+            v = v * jnp.bfloat16(-1)
+        return v
+
+    return 2 * a.nbytes / _timed(jax.jit(chain), (a,), copies)
 
 
 def main():

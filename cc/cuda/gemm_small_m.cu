@@ -100,7 +100,8 @@ struct GemmArgs {
   const void* scales;
   const void* offsets;
   void* y;
-  int m, k, n, group_rows, bits;
+  int m, k, n, bits;
+  int group_shift;  // row k is in scale group k >> group_shift
 };
 
 // A 16-bit lane of a 32-bit word, copied to both lanes.
@@ -132,14 +133,16 @@ template <typename T, int kBits, int kMTiles, bool kSymmetric>
 __global__ void __launch_bounds__(kThreads)
     gemm_small_m_kernel(const T* __restrict__ x, const uint32_t* __restrict__ codes,
                         const T* __restrict__ scales, const T* __restrict__ offsets,
-                        T* __restrict__ y, int m_rows, int k, int n, int group_rows) {
+                        T* __restrict__ y, int m_rows, int k, int n, int group_shift) {
   using Act = Activation<T>;
   using Pair = typename Act::Pair;
   using Dq = Dequantizer<T, kBits, kSymmetric>;
   constexpr int kPerWord = codes_per_word(kBits);
   constexpr int kHalves = kPerWord / 4;          // MMA k16 steps per word
   constexpr int kXWords = kPerWord / 2;          // x pairs per lane per M tile
-  constexpr int kUnroll = kBits == 4 ? 4 : 2;    // steps with loads in flight
+  // Steps whose loads are in flight together: a whole 4096-deep K in one
+  // round trip for int4 at M <= 8, within 128 registers a thread.
+  constexpr int kUnroll = (kBits == 4 ? 8 : 4) / kMTiles;
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -161,7 +164,7 @@ __global__ void __launch_bounds__(kThreads)
       const int step = base + u * kWarps;
       const int word_row = 4 * step + t;
       const bool ok = step < steps && col_ok;
-      const int64_t sidx = int64_t(word_row * kPerWord / group_rows) * n + col0;
+      const int64_t sidx = int64_t((word_row * kPerWord) >> group_shift) * n + col0;
       w[u] = ok ? load_streaming(reinterpret_cast<const uint4*>(codes + int64_t(word_row) * n + col0))
                 : make_uint4(0, 0, 0, 0);
       s[u] = ok ? __ldg(reinterpret_cast<const uint2*>(scales + sidx)) : make_uint2(0, 0);
@@ -241,7 +244,7 @@ void launch_gemm(const GemmArgs& args, cudaStream_t stream) {
   gemm_small_m_kernel<T, kBits, kMTiles, kSymmetric><<<blocks, kThreads, 0, stream>>>(
       static_cast<const T*>(args.x), args.codes, static_cast<const T*>(args.scales),
       static_cast<const T*>(args.offsets), static_cast<T*>(args.y), args.m, args.k, args.n,
-      args.group_rows);
+      args.group_shift);
 }
 
 template <typename T, int kBits>
@@ -286,15 +289,23 @@ ffi::Error gemm_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
   }
   const int per_word = codes_per_word(w.bits);
   if (x_dims[0] > kMaxRows || w.n % 4 != 0 || w.k % (4 * per_word) != 0 ||
-      w.group_rows % per_word != 0 || w.k > INT32_MAX / 2 || w.n > INT32_MAX / 2) {
+      w.k > INT32_MAX / 2 || w.n > INT32_MAX / 2) {
     return ffi::Error::InvalidArgument(
         "gemm: needs M <= 16, N % 4 == 0 and K % (4 * codes per word) == 0");
+  }
+  // Groups are powers of two; one group spanning K has every row in group 0.
+  int group_shift = 31;
+  if (w.groups > 1) {
+    group_shift = 0;
+    while ((int64_t{1} << group_shift) < w.group_rows) ++group_shift;
+    if ((int64_t{1} << group_shift) != w.group_rows) {
+      return ffi::Error::InvalidArgument("gemm: group size must be a power of two");
+    }
   }
   if (x_dims[0] == 0 || w.n == 0) return ffi::Error::Success();
   const GemmArgs args{x.untyped_data(), codes.typed_data(), scales.untyped_data(),
                       offsets.untyped_data(), y->untyped_data(), static_cast<int>(x_dims[0]),
-                      static_cast<int>(w.k), static_cast<int>(w.n),
-                      static_cast<int>(w.group_rows), w.bits};
+                      static_cast<int>(w.k), static_cast<int>(w.n), w.bits, group_shift};
   if (dtype == ffi::BF16) {
     dispatch_bits<__nv_bfloat16>(args, symmetric, stream);
   } else {
