@@ -7,7 +7,13 @@ import re
 import jax
 import jaxlib
 
-from jax_lowbit import _cpu
+try:
+    from jax_lowbit import _cpu
+except ImportError as error:
+    raise ImportError(
+        "jax_lowbit's compiled extension is missing: install the package with "
+        "`pip install .` (a source checkout on sys.path has no extension; run from "
+        "another directory)") from error
 
 try:
     from jax_lowbit import _cuda
