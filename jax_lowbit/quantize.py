@@ -10,18 +10,24 @@ from jax_lowbit.quantized_weight import QuantizedWeight
 from jax_lowbit.validation import check_weight_format
 
 
-def _round_toward(value: jax.Array, dtype, direction: float) -> jax.Array:
+def _round_toward(value: jax.Array, dtype, direction: int) -> jax.Array:
     """Casts float32 ``value`` to ``dtype``, rounding up (+1) or down (-1).
 
     Directed rounding of the stored scale and offset keeps every weight of a
     group inside the grid, so no code is clamped and the error stays within
     half a step even for 8-bit codes with bfloat16 scales.
+
+    The rounding is computed in float32 with ``reduce_precision`` and explicit
+    ulps: XLA may drop a float32 -> bfloat16 -> float32 round trip as excess
+    precision, which would silently turn this into round-to-nearest.
     """
-    stored = value.astype(dtype)
-    back = stored.astype(jnp.float32)
-    missed = back < value if direction > 0 else back > value
-    stepped = jnp.nextafter(stored, jnp.array(direction * jnp.inf, dtype))
-    return jnp.where(missed, stepped, stored)
+    info = jnp.finfo(dtype)
+    nearest = jax.lax.reduce_precision(value, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    _, exponent = jnp.frexp(nearest)
+    ulp = jnp.maximum(jnp.ldexp(jnp.float32(1), exponent - 1 - info.nmant),
+                      jnp.float32(info.smallest_subnormal))
+    missed = nearest < value if direction > 0 else nearest > value
+    return jnp.where(missed, nearest + direction * ulp, nearest).astype(dtype)
 
 
 def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,

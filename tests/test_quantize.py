@@ -123,3 +123,17 @@ def test_nbytes_and_repr(rng):
     qw = jax_lowbit.quantize(rng.normal(size=(256, 64)).astype(np.float32), 4, 128)
     assert qw.nbytes == 256 * 64 // 2 + 2 * 64 * 2
     assert "bits=4" in repr(qw) and qw.groups == 2
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_directed_rounding_survives_jit(dtype, rng):
+    """Scales round up and offsets down into their dtype, also when XLA fuses."""
+    from jax_lowbit.quantize import _round_toward
+
+    values = (rng.lognormal(size=4096) * rng.choice([-1.0, 1.0], 4096)).astype(np.float32)
+    eps = float(jnp.finfo(dtype).eps)
+    for direction in (1, -1):
+        out = np.asarray(jax.jit(lambda v: _round_toward(v, dtype, direction))(values),
+                         np.float32)
+        assert np.all((out - values) * direction >= 0)
+        assert np.all(np.abs(out - values) <= 2 * eps * np.abs(values))
