@@ -52,6 +52,20 @@ inline ffi::Error weight_shape(ffi::AnyBuffer::Dimensions codes,
   return ffi::Error::Success();
 }
 
+// weight_shape(), and an error unless the dequantized output `out` is (K, N).
+inline ffi::Error dequantize_shape(ffi::AnyBuffer::Dimensions codes,
+                                   ffi::AnyBuffer::Dimensions scales,
+                                   ffi::AnyBuffer::Dimensions offsets,
+                                   ffi::AnyBuffer::Dimensions out, int64_t bits,
+                                   int64_t group_size, WeightShape& s) {
+  ffi::Error error = weight_shape(codes, scales, offsets, bits, group_size, s);
+  if (error.failure()) return error;
+  if (out.size() != 2 || out[0] != s.k || out[1] != s.n) {
+    return ffi::Error::InvalidArgument("dequantize: output must have shape (K, N)");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace jax_lowbit
 
 #endif  // JAX_LOWBIT_WEIGHT_SHAPE_H_

@@ -71,13 +71,10 @@ ffi::Error dequantize_impl(ffi::Buffer<ffi::U32> codes, ffi::Buffer<ffi::F32> sc
                            ffi::Buffer<ffi::F32> offsets, ffi::ResultBuffer<ffi::F32> out,
                            int32_t bits, int64_t group_size) {
   WeightShape w;
-  ffi::Error shape_error = weight_shape(codes.dimensions(), scales.dimensions(),
-                                        offsets.dimensions(), bits, group_size, w);
+  ffi::Error shape_error = dequantize_shape(codes.dimensions(), scales.dimensions(),
+                                            offsets.dimensions(), out->dimensions(), bits,
+                                            group_size, w);
   if (shape_error.failure()) return shape_error;
-  auto out_dims = out->dimensions();
-  if (out_dims.size() != 2 || out_dims[0] != w.k || out_dims[1] != w.n) {
-    return ffi::Error::InvalidArgument("dequantize: output must have shape (K, N)");
-  }
   dequantize_columns(codes.typed_data(), scales.typed_data(), offsets.typed_data(), w, 0, w.n,
                      out->typed_data(), w.n);
   return ffi::Error::Success();

@@ -70,13 +70,10 @@ ffi::Error dequantize_impl(cudaStream_t stream, ffi::Buffer<ffi::U32> codes,
                            ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> offsets,
                            ffi::Result<ffi::AnyBuffer> out, int32_t bits, int64_t group_size) {
   WeightShape w;
-  ffi::Error shape_error = weight_shape(codes.dimensions(), scales.dimensions(),
-                                        offsets.dimensions(), bits, group_size, w);
+  ffi::Error shape_error = dequantize_shape(codes.dimensions(), scales.dimensions(),
+                                            offsets.dimensions(), out->dimensions(), bits,
+                                            group_size, w);
   if (shape_error.failure()) return shape_error;
-  auto out_dims = out->dimensions();
-  if (out_dims.size() != 2 || out_dims[0] != w.k || out_dims[1] != w.n) {
-    return ffi::Error::InvalidArgument("dequantize: output must have shape (K, N)");
-  }
   cudaError_t err;
   switch (out->element_type()) {
     case ffi::F32:
