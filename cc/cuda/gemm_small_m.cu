@@ -130,7 +130,9 @@ struct Dequantizer {
 };
 
 template <typename T, int kBits, int kMTiles, bool kSymmetric>
-__global__ void __launch_bounds__(kThreads)
+// Two CTAs per SM: one CTA's dequantize, MMAs and reduction overlap the other's
+// loads (with one, every SM idled its DRAM queue between CTAs).
+__global__ void __launch_bounds__(kThreads, 2)
     gemm_small_m_kernel(const T* __restrict__ x, const uint32_t* __restrict__ codes,
                         const T* __restrict__ scales, const T* __restrict__ offsets,
                         T* __restrict__ y, int m_rows, int k, int n, int group_shift) {
@@ -140,9 +142,9 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kPerWord = codes_per_word(kBits);
   constexpr int kHalves = kPerWord / 4;          // MMA k16 steps per word
   constexpr int kXWords = kPerWord / 2;          // x pairs per lane per M tile
-  // Steps whose loads are in flight together: a whole 4096-deep K in one
-  // round trip for int4 at M <= 8, within 128 registers a thread.
-  constexpr int kUnroll = (kBits == 4 ? 8 : 4) / kMTiles;
+  // Steps whose loads are in flight together, within the 64 registers a
+  // lane has when two CTAs share an SM.
+  constexpr int kUnroll = (kBits == 4 ? 4 : 2) / kMTiles;
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
