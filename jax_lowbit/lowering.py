@@ -66,11 +66,20 @@ def _dequantize_cuda(*weight, fmt: WeightFormat, dtype):
 SMALL_M_MAX_ROWS = 16
 
 
-def uses_small_m_kernel(fmt: WeightFormat, dtype, rows: int) -> bool:
-    """Whether a CUDA matmul of ``rows`` rows of ``dtype`` runs the fused small-M kernel."""
+def uses_small_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> bool:
+    """Whether a CUDA matmul of ``rows`` rows of ``dtype`` runs the fused small-M kernel.
+
+    The kernel reads scales in x's dtype. bfloat16 scales convert exactly to
+    float16 (down to its smallest normal, 6.1e-5); other mixes would round the
+    scales, so they take the dequantize + dot path, which rounds each weight once.
+    """
     k, n = fmt.shape
-    return (fmt.bits in (2, 4) and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-            and 0 < rows <= SMALL_M_MAX_ROWS and n % 4 == 0
+    dtype, scale_dtype = jnp.dtype(dtype), jnp.dtype(scale_dtype)
+    exact_scales = scale_dtype == dtype or (
+        scale_dtype == jnp.dtype(jnp.bfloat16) and dtype == jnp.dtype(jnp.float16))
+    return (fmt.bits in (2, 4)
+            and dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and exact_scales
+            and 0 < rows <= SMALL_M_MAX_ROWS and n % 4 == 0 and n < 2**30 and k < 2**30
             and k % (4 * formats.codes_per_word(fmt.bits)) == 0)
 
 
@@ -78,9 +87,9 @@ def _matmul_cuda(x, *weight, fmt: WeightFormat):
     _require_cuda()
     k, n = fmt.shape
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    if not uses_small_m_kernel(fmt, x.dtype, rows):
-        return contract("...k,kn->...n", x, _dequantize_call(weight, fmt, x.dtype))
     codes, scales, offsets = fmt.split(weight)
+    if not uses_small_m_kernel(fmt, x.dtype, scales.dtype, rows):
+        return contract("...k,kn->...n", x, _dequantize_call(weight, fmt, x.dtype))
     scales = scales.astype(x.dtype)
     # The kernel reads no offsets for symmetric weights; the slot holds the scales.
     offsets = scales if offsets is None else offsets.astype(x.dtype)

@@ -36,7 +36,10 @@ def matmul(x, qw: QuantizedWeight) -> jax.Array:
 
     Returns:
       (..., N) array of x's dtype. Differentiable with respect to x (the
-      weight is a constant); batches under ``jax.vmap`` without a loop.
+      weight is a constant: a tangent for its scales or offsets raises, even
+      an explicit zero one; leave the weight out of the differentiated
+      arguments or wrap it in ``jax.lax.stop_gradient``). Batches under
+      ``jax.vmap`` without a loop.
     """
     operands, fmt = _operands(qw, "matmul")
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):

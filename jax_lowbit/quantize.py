@@ -24,10 +24,19 @@ def _round_toward(value: jax.Array, dtype, direction: int) -> jax.Array:
     info = jnp.finfo(dtype)
     nearest = jax.lax.reduce_precision(value, exponent_bits=info.nexp, mantissa_bits=info.nmant)
     _, exponent = jnp.frexp(nearest)
-    ulp = jnp.maximum(jnp.ldexp(jnp.float32(1), exponent - 1 - info.nmant),
-                      jnp.float32(info.smallest_subnormal))
+    ulp = jnp.ldexp(jnp.float32(1), exponent - 1 - info.nmant)
     missed = nearest < value if direction > 0 else nearest > value
-    return jnp.where(missed, nearest + direction * ulp, nearest).astype(dtype)
+    rounded = jnp.where(missed, nearest + direction * ulp, nearest)
+    subnormal = float(info.smallest_subnormal)
+    if subnormal >= float(jnp.finfo(jnp.float32).tiny):
+        # float16's subnormals are float32 normals: below its smallest normal
+        # the grid is a multiple of the smallest subnormal (frexp of a value
+        # reduce_precision flushed to 0 would give a far too coarse step).
+        steps = value / jnp.float32(subnormal)
+        steps = jnp.ceil(steps) if direction > 0 else jnp.floor(steps)
+        rounded = jnp.where(jnp.abs(value) < float(info.tiny), steps * jnp.float32(subnormal),
+                            rounded)
+    return rounded.astype(dtype)
 
 
 def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,

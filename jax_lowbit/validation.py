@@ -15,6 +15,8 @@ def check_weight_format(k: int, bits, group_size, scale_dtype) -> None:
     """Raises ValueError/TypeError unless (K, bits, group_size, scale_dtype) is a valid format."""
     if isinstance(bits, bool) or bits not in formats.SUPPORTED_BITS:
         raise ValueError(f"unsupported bits={bits!r}; supported: {formats.SUPPORTED_BITS}")
+    if k <= 0:
+        raise ValueError(f"K={k}: the weight needs at least one row")
     if isinstance(group_size, bool) or group_size not in formats.SUPPORTED_GROUP_SIZES:
         raise ValueError(
             f"unsupported group_size={group_size!r}; supported: {formats.SUPPORTED_GROUP_SIZES}")

@@ -44,9 +44,10 @@ def test_dequantize_kernel_writes_every_element(bits, group_size, symmetric, dty
     np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6)
 
 
-def test_repeated_runs_identical(rng):
+@pytest.mark.parametrize("m", [16, 64])  # the fused kernel and dequantize + dot
+def test_repeated_runs_identical(m, rng):
     qw = jax_lowbit.quantize(rng.normal(size=(1024, 512)).astype(np.float32), 4, 128)
-    x = jnp.asarray(rng.normal(size=(64, 1024)), jnp.bfloat16)
+    x = jnp.asarray(rng.normal(size=(m, 1024)), jnp.bfloat16)
     f = jax.jit(jax_lowbit.matmul)
     first = np.asarray(f(x, qw).astype(jnp.float32))
     for _ in range(3):
@@ -58,8 +59,9 @@ def test_repeated_runs_identical(rng):
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_small_m_kernel_writes_every_element(m, bits, group_size, symmetric, dtype, rng):
-    k, n = 512, 200  # N not a multiple of the CTA's 32 columns
+@pytest.mark.parametrize("k", [512, 4224])  # 4224: several passes of each warp's loop
+def test_small_m_kernel_writes_every_element(m, bits, group_size, symmetric, dtype, k, rng):
+    n = 200  # N not a multiple of the CTA's 32 columns
     qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, group_size,
                              symmetric=symmetric)
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)

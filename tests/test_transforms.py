@@ -64,6 +64,22 @@ def test_vmap_over_stacked_weights(x_batched, rng):
                                    rtol=1e-6, atol=1e-7)
 
 
+def test_vmap_codes_batched_scales_shared(rng):
+    qws = [_weight(rng) for _ in range(2)]
+    codes = jnp.stack([q.codes for q in qws], axis=1)  # batch on axis 1
+    x = jnp.asarray(rng.normal(size=(3, 128)), jnp.float32)
+
+    def f(c):
+        return jax_lowbit.matmul(x, jax_lowbit.QuantizedWeight(
+            c, qws[0].scales, qws[0].offsets, qws[0].shape, 4, 32, False))
+
+    y = jax.vmap(f, in_axes=1)(codes)
+    for i, qw in enumerate(qws):
+        mixed = jax_lowbit.QuantizedWeight(qw.codes, qws[0].scales, qws[0].offsets,
+                                           qw.shape, 4, 32, False)
+        np.testing.assert_allclose(np.asarray(y[i]), _ref(x, mixed), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_grad_wrt_activations(dtype, rng):
     qw = _weight(rng)

@@ -1,0 +1,60 @@
+"""Which CUDA kernel a matmul lowers to, checked on any machine by exporting for CUDA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_lowbit
+
+pytestmark = pytest.mark.skipif(not jax_lowbit.build_info()["cuda"],
+                                reason="built without the CUDA extension")
+
+
+def _cuda_targets(x_shape, x_dtype, qw):
+    exported = jax.export.export(
+        jax.jit(jax_lowbit.matmul), platforms=["cuda"],
+        disabled_checks=jax_lowbit.export_disabled_checks())(
+            jax.ShapeDtypeStruct(x_shape, x_dtype), qw)
+    text = exported.mlir_module()
+    return {name for name in ("jax_lowbit_gemm_small_m", "jax_lowbit_dequantize")
+            if f"custom_call @{name}" in text}
+
+
+def _weight(rng, k=256, n=64, bits=4, group_size=128, scale_dtype=jnp.bfloat16):
+    return jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, group_size,
+                               scale_dtype=scale_dtype)
+
+
+FUSED = {"jax_lowbit_gemm_small_m"}
+DEQUANTIZE_THEN_DOT = {"jax_lowbit_dequantize"}
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("x_shape", [(1, 256), (16, 256), (256,), (2, 8, 256)])
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float16])
+def test_small_m_uses_fused_kernel(bits, x_shape, x_dtype, rng):
+    assert _cuda_targets(x_shape, x_dtype, _weight(rng, bits=bits)) == FUSED
+
+
+@pytest.mark.parametrize("case", [
+    "17 rows", "float32 x", "int8 codes", "N not a multiple of 4", "K not a multiple of 4P",
+    "float32 scales", "float16 scales with bfloat16 x"])
+def test_other_cases_dequantize_then_dot(case, rng):
+    x_shape, x_dtype, qw = (1, 256), jnp.bfloat16, None
+    if case == "17 rows":
+        x_shape = (17, 256)
+    elif case == "float32 x":
+        x_dtype = jnp.float32
+    elif case == "int8 codes":
+        qw = _weight(rng, bits=8)
+    elif case == "N not a multiple of 4":
+        qw = _weight(rng, n=66)
+    elif case == "K not a multiple of 4P":
+        qw, x_shape = _weight(rng, k=96, bits=2, group_size=32), (1, 96)
+    elif case == "float32 scales":
+        qw = _weight(rng, scale_dtype=jnp.float32)
+    else:
+        qw = _weight(rng, scale_dtype=jnp.float16)
+    qw = qw if qw is not None else _weight(rng)
+    assert _cuda_targets(x_shape, x_dtype, qw) == DEQUANTIZE_THEN_DOT
