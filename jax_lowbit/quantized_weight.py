@@ -79,10 +79,11 @@ class QuantizedWeight:
 
     def __repr__(self):
         kind = "symmetric" if self.symmetric else "asymmetric"
-        return (
-            f"QuantizedWeight(shape={self.shape}, bits={self.bits}, "
-            f"group_size={self.group_size}, {kind}, scales={jnp.dtype(self.scales.dtype).name})"
-        )
+        # Leaves may be placeholders (shapes, specs) in a tree_map'd copy.
+        scales = (jnp.dtype(self.scales.dtype).name if hasattr(self.scales, "dtype")
+                  else repr(self.scales))
+        return (f"QuantizedWeight(shape={self.shape}, bits={self.bits}, "
+                f"group_size={self.group_size}, {kind}, scales={scales})")
 
 
 # Lets jax.export serialize functions that take or return a QuantizedWeight.

@@ -11,26 +11,38 @@ def _dtype_names(dtypes) -> str:
     return ", ".join(jnp.dtype(d).name for d in dtypes)
 
 
-def check_weight_format(k: int, bits, group_size, scale_dtype) -> None:
-    """Raises ValueError/TypeError unless (K, bits, group_size, scale_dtype) is a valid format."""
+def check_format_options(bits, group_size, scale_dtype=jnp.bfloat16) -> None:
+    """Raises ValueError/TypeError unless bits, group_size and scale_dtype are supported."""
     if isinstance(bits, bool) or bits not in formats.SUPPORTED_BITS:
         raise ValueError(f"unsupported bits={bits!r}; supported: {formats.SUPPORTED_BITS}")
-    if k <= 0:
-        raise ValueError(f"K={k}: the weight needs at least one row")
     if isinstance(group_size, bool) or group_size not in formats.SUPPORTED_GROUP_SIZES:
         raise ValueError(
             f"unsupported group_size={group_size!r}; supported: {formats.SUPPORTED_GROUP_SIZES}")
-    if group_size != -1 and k % group_size != 0:
-        raise ValueError(f"group_size={group_size} does not divide K={k}")
-    per_word = formats.codes_per_word(bits)
-    if k % per_word != 0:
-        raise ValueError(
-            f"K={k} must be a multiple of {per_word} for {bits}-bit codes "
-            f"({per_word} codes per 32-bit word); pad K")
     if jnp.dtype(scale_dtype) not in [jnp.dtype(d) for d in formats.SCALE_DTYPES]:
         raise TypeError(
             f"unsupported scale dtype {jnp.dtype(scale_dtype).name}; "
             f"supported: {_dtype_names(formats.SCALE_DTYPES)}")
+
+
+def k_misfit(k: int, bits: int, group_size: int) -> str | None:
+    """Why K rows cannot be packed in this (supported) format, or None if they can."""
+    if k <= 0:
+        return f"K={k}: the weight needs at least one row"
+    if group_size != -1 and k % group_size != 0:
+        return f"group_size={group_size} does not divide K={k}"
+    per_word = formats.codes_per_word(bits)
+    if k % per_word != 0:
+        return (f"K={k} must be a multiple of {per_word} for {bits}-bit codes "
+                f"({per_word} codes per 32-bit word); pad K")
+    return None
+
+
+def check_weight_format(k: int, bits, group_size, scale_dtype) -> None:
+    """Raises ValueError/TypeError unless (K, bits, group_size, scale_dtype) is a valid format."""
+    check_format_options(bits, group_size, scale_dtype)
+    reason = k_misfit(k, bits, group_size)
+    if reason:
+        raise ValueError(reason)
 
 
 def check_float_dtype(name: str, dtype) -> None:

@@ -1,0 +1,124 @@
+"""quantize_model: replaces the dense layers of a trained NNX model in place."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from typing import Callable
+
+from flax import nnx
+
+from jax_lowbit.flax.nnx_layers import QuantLinear
+from jax_lowbit.validation import check_format_options, k_misfit
+
+Path = tuple
+
+
+@dataclasses.dataclass
+class ConversionSummary:
+    """What ``quantize_model`` converted: per layer (path, shape), and bytes before and after."""
+
+    converted: list = dataclasses.field(default_factory=list)  # (path, (K, N), bytes before, after)
+    skipped: list = dataclasses.field(default_factory=list)    # (path, reason)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(row[2] for row in self.converted)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(row[3] for row in self.converted)
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':40s} {'(K, N)':>14s} {'bytes':>12s} -> {'bytes':>10s}"]
+        for path, shape, before, after in self.converted:
+            lines.append(f"{_path_name(path):40s} {str(shape):>14s} {before:12,d} -> {after:10,d}")
+        for path, reason in self.skipped:
+            lines.append(f"{_path_name(path):40s} skipped: {reason}")
+        ratio = self.bytes_before / self.bytes_after if self.bytes_after else 0.0
+        lines.append(f"{len(self.converted)} layers: {self.bytes_before:,d} -> "
+                     f"{self.bytes_after:,d} bytes ({ratio:.2f}x smaller)")
+        return "\n".join(lines)
+
+
+def _path_name(path: Path) -> str:
+    return "/".join(str(p) for p in path) or "<root>"
+
+
+def _selector(where) -> Callable[[Path], bool]:
+    if where is None:
+        return lambda path: True
+    if isinstance(where, str):
+        pattern = re.compile(where)
+        return lambda path: pattern.search(_path_name(path)) is not None
+    if callable(where):
+        return lambda path: bool(where(_path_name(path)))
+    raise TypeError("where must be None, a regex string or a predicate on the module path")
+
+
+def _set_child(parent, key, value) -> None:
+    if isinstance(key, int) or not hasattr(parent, "__dict__") or isinstance(parent, dict):
+        parent[key] = value
+    else:
+        setattr(parent, key, value)
+
+
+def _child(parent, key):
+    if isinstance(key, int) or isinstance(parent, dict):
+        return parent[key]
+    return getattr(parent, key)
+
+
+def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool = True,
+                   sparsity=None, where=None, verbose: bool = True, return_summary: bool = False,
+                   **quantize_kwargs):
+    """Quantizes every ``nnx.Linear`` of a trained model, training-free (round to nearest).
+
+    Args:
+      model: an NNX module (or graph of modules); changed in place.
+      bits, group_size, symmetric: the format, as in ``jax_lowbit.quantize``.
+      sparsity: reserved for the 2:4 sparse format (not implemented yet).
+      where: which layers: None for all, a regex searched in the module path
+        ("layers/0/mlp/up"), or a predicate on that path string.
+      verbose: print progress and a summary (layers, bytes before/after).
+      return_summary: also return the ConversionSummary.
+
+    Returns:
+      The model with ``QuantLinear`` layers, runnable under ``nnx.jit`` (and
+      the summary if asked). Layers whose K does not fit the format (e.g. not
+      divisible by the group size) keep their float weights and are listed in
+      the summary as skipped.
+    """
+    if sparsity is not None:
+        raise NotImplementedError(
+            f"sparsity={sparsity!r}: the 2:4 sparse format is not implemented yet")
+    check_format_options(bits, group_size, quantize_kwargs.get("scale_dtype", "bfloat16"))
+    selected = _selector(where)
+    linears = [(tuple(path), node) for path, node in nnx.iter_graph(model)
+               if isinstance(node, nnx.Linear) and selected(tuple(path))]
+    summary = ConversionSummary()
+    for index, (path, linear) in enumerate(linears):
+        if verbose and len(linears) > 1:
+            print(f"\rquantizing {index + 1}/{len(linears)}: {_path_name(path)}", end="",
+                  file=sys.stderr, flush=True)
+        reason = k_misfit(linear.in_features, bits, group_size)
+        if reason:  # K does not fit the format: keep the float layer
+            summary.skipped.append((path, reason))
+            continue
+        quantized = QuantLinear.from_linear(linear, bits, group_size, symmetric,
+                                            **quantize_kwargs)
+        before = linear.kernel[...].nbytes
+        summary.converted.append((path, quantized.weight.shape, before, quantized.weight.nbytes))
+        if not path:
+            model = quantized
+        else:
+            parent = model
+            for key in path[:-1]:
+                parent = _child(parent, key)
+            _set_child(parent, path[-1], quantized)
+    if verbose:
+        if len(linears) > 1:
+            print(file=sys.stderr)
+        print(summary)
+    return (model, summary) if return_summary else model

@@ -1,0 +1,79 @@
+"""Linen: run a trained model that uses ``nn.Dense`` with quantized weights,
+without changing its definition.
+
+    qparams = quantize_params(params, bits=4)
+    with quantized_dense():
+        y = model.apply({"params": qparams}, x)      # also under jax.jit
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import flax
+import jax.numpy as jnp
+from flax import linen as nn
+
+import jax_lowbit
+from jax_lowbit.quantized_weight import QuantizedWeight
+from jax_lowbit.validation import check_format_options, k_misfit
+
+
+def _is_dense_params(node) -> bool:
+    return (isinstance(node, dict) and "kernel" in node and hasattr(node["kernel"], "ndim")
+            and node["kernel"].ndim == 2 and set(node) <= {"kernel", "bias"})
+
+
+def quantize_params(params, *, bits: int, group_size: int = 128, symmetric: bool = True,
+                    where=None, **quantize_kwargs):
+    """Replaces the 2-D ``kernel`` of every Dense-shaped params dict with a QuantizedWeight.
+
+    ``where``: None for all, a regex searched in the "/"-joined params path
+    (e.g. "Dense_0"), or a predicate on that path. Kernels whose K does not fit
+    the format stay float. Returns a new params tree.
+    """
+    check_format_options(bits, group_size, quantize_kwargs.get("scale_dtype", "bfloat16"))
+    pattern = re.compile(where) if isinstance(where, str) else None
+
+    def selected(path: str) -> bool:
+        if where is None:
+            return True
+        return pattern.search(path) is not None if pattern else bool(where(path))
+
+    def walk(node, path):
+        if not isinstance(node, dict):
+            return node
+        if _is_dense_params(node) and selected(path):
+            if k_misfit(node["kernel"].shape[0], bits, group_size):
+                return dict(node)
+            kernel = jax_lowbit.quantize(node["kernel"], bits, group_size,
+                                         symmetric=symmetric, **quantize_kwargs)
+            return {**node, "kernel": kernel}
+        return {key: walk(child, f"{path}/{key}" if path else str(key))
+                for key, child in node.items()}
+
+    return walk(flax.core.unfreeze(params), "")
+
+
+def _dense_interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if not isinstance(module, nn.Dense) or context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+    kernel = module.get_variable("params", "kernel")
+    if not isinstance(kernel, QuantizedWeight):
+        return next_fun(*args, **kwargs)
+    (x,) = args
+    dtype = module.dtype if module.dtype is not None else jnp.asarray(x).dtype
+    y = jax_lowbit.matmul(jnp.asarray(x, dtype), kernel)
+    if module.use_bias:
+        y = y + module.get_variable("params", "bias").astype(y.dtype)
+    return y
+
+
+@contextlib.contextmanager
+def quantized_dense():
+    """Within this context, ``nn.Dense`` layers whose kernel is a QuantizedWeight
+    run ``jax_lowbit.matmul``; others run unchanged."""
+    with nn.intercept_methods(_dense_interceptor):
+        yield

@@ -1,0 +1,179 @@
+"""Flax integration: QuantLinear, quantize_model (NNX), Linen interception, orbax checkpoints."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+flax = pytest.importorskip("flax")
+from flax import linen as nn  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import jax_lowbit  # noqa: E402
+from jax_lowbit.flax import QuantizedArray, QuantLinear, quantize_model  # noqa: E402
+from jax_lowbit.flax import linen as lowbit_linen  # noqa: E402
+
+import spec_reference  # noqa: E402
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs, widths=(256, 512, 512, 96)):
+        self.up = nnx.Linear(widths[0], widths[1], rngs=rngs)
+        self.blocks = nnx.List([nnx.Linear(widths[1], widths[2], rngs=rngs) for _ in range(2)])
+        self.head = nnx.Linear(widths[2], widths[3], use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.up(x))
+        for block in self.blocks:
+            x = nnx.relu(block(x))
+        return self.head(x)
+
+
+def _reference(layer: QuantLinear, x):
+    """x @ W + b in float64 from the spec decoder."""
+    y = np.asarray(x, np.float64) @ spec_reference.dequantize_weight(layer.weight)
+    return y if layer.bias is None else y + np.asarray(layer.bias[...], np.float64)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quant_linear_matches_linear_with_dequantized_weights(use_bias, bits, rng):
+    linear = nnx.Linear(256, 48, use_bias=use_bias, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    if use_bias:
+        linear.bias[...] = jnp.asarray(rng.normal(size=48), jnp.float32)
+    layer = QuantLinear.from_linear(linear, bits=bits, group_size=64, symmetric=False)
+    x = jnp.asarray(rng.normal(size=(2, 5, 256)), jnp.float32)
+    y = layer(x)
+    assert y.shape == (2, 5, 48) and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), _reference(layer, x), rtol=1e-5, atol=1e-4)
+    # Same as nnx.Linear holding the dequantized kernel.
+    linear.kernel[...] = layer.weight.dequantize()
+    np.testing.assert_allclose(np.asarray(y), np.asarray(linear(x)), rtol=1e-5, atol=1e-4)
+
+
+def test_quant_linear_computation_dtype(rng):
+    linear = nnx.Linear(128, 32, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    layer = QuantLinear.from_linear(linear, bits=4, group_size=128)
+    x = jnp.asarray(rng.normal(size=(3, 128)), jnp.float32)
+    y = layer(x)
+    assert y.dtype == jnp.bfloat16
+    want = _reference(layer, np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32)))
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=2e-2, atol=5e-2)
+
+
+def test_quantize_model_selects_layers_and_runs_under_jit(rng):
+    model = MLP(nnx.Rngs(int(rng.integers(1 << 30))))
+    x = jnp.asarray(rng.normal(size=(4, 256)), jnp.float32)
+    float_out = model(x)
+    model, summary = quantize_model(model, bits=8, group_size=128, where=r"^(up|blocks/\d+)$",
+                                    verbose=False, return_summary=True)
+    assert isinstance(model.up, QuantLinear)
+    assert all(isinstance(b, QuantLinear) for b in model.blocks)
+    assert isinstance(model.head, nnx.Linear)  # not selected
+    assert sorted(p for p, *_ in summary.converted) == [("blocks", 0), ("blocks", 1), ("up",)]
+    assert summary.bytes_after < summary.bytes_before / 3.5
+    y = nnx.jit(lambda m, a: m(a))(model, x)
+    # int8 g128: close to the float model.
+    err = np.linalg.norm(np.asarray(y - float_out)) / np.linalg.norm(np.asarray(float_out))
+    assert err < 0.02
+    # Layer by layer: the quantized layers compute x @ dequantize(W) + b.
+    h = np.asarray(x)
+    np.testing.assert_allclose(np.asarray(model.up(x)), _reference(model.up, h), rtol=1e-5,
+                               atol=1e-4)
+
+
+def test_quantize_model_skips_layers_that_do_not_fit(rng):
+    model = MLP(nnx.Rngs(0), widths=(96, 256, 256, 8))  # K=96 does not fit g128
+    model, summary = quantize_model(model, bits=4, group_size=128, verbose=False,
+                                    return_summary=True)
+    assert isinstance(model.up, nnx.Linear)
+    assert summary.skipped and "does not divide K=96" in summary.skipped[0][1]
+    assert isinstance(model.head, QuantLinear)
+    assert "skipped" in str(summary)
+
+
+def test_quantized_weights_are_not_params(rng):
+    model = quantize_model(MLP(nnx.Rngs(0)), bits=4, verbose=False)
+    params = nnx.state(model, nnx.Param)
+    quantized = nnx.state(model, QuantizedArray)
+    assert all(leaf.dtype != jnp.uint32 for leaf in jax.tree.leaves(params))
+    assert any(leaf.dtype == jnp.uint32 for leaf in jax.tree.leaves(quantized))
+    x = jnp.asarray(rng.normal(size=(2, 256)), jnp.float32)
+    grads = nnx.grad(lambda m: jnp.sum(m(x)))(model)  # biases only
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(grads))
+
+
+def test_quantize_model_bad_input():
+    model = MLP(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="bits"):
+        quantize_model(model, bits=3, verbose=False)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_model(model, bits=4, group_size=100, verbose=False)
+    with pytest.raises(NotImplementedError, match="2:4"):
+        quantize_model(model, bits=4, sparsity="2:4", verbose=False)
+    with pytest.raises(TypeError, match="where"):
+        quantize_model(model, bits=4, where=42, verbose=False)
+    with pytest.raises(TypeError, match="QuantizedWeight"):
+        QuantLinear(jnp.ones((4, 4)))
+
+
+def test_checkpoint_roundtrip(rng, tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    model = quantize_model(MLP(nnx.Rngs(1)), bits=4, group_size=64, symmetric=False,
+                           verbose=False)
+    x = jnp.asarray(rng.normal(size=(3, 256)), jnp.float32)
+    before = np.asarray(model(x))
+    _, state = nnx.split(model)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", state)
+    checkpointer.wait_until_finished()
+    # Restore into a model of the same structure built from other weights.
+    fresh = quantize_model(MLP(nnx.Rngs(2)), bits=4, group_size=64, symmetric=False,
+                           verbose=False)
+    graphdef, target = nnx.split(fresh)
+    restored = nnx.merge(graphdef, checkpointer.restore(tmp_path / "ckpt", target))
+    np.testing.assert_array_equal(np.asarray(restored(x)), before)
+    assert (restored.up.bits, restored.up.group_size, restored.up.symmetric) == (4, 64, False)
+
+
+class DenseNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(256)(x))
+        x = nn.Dense(128, name="middle")(x)
+        return nn.Dense(8, use_bias=False)(x)
+
+
+def test_linen_quantize_params_and_intercept(rng):
+    model = DenseNet()
+    x = jnp.asarray(rng.normal(size=(3, 128)), jnp.float32)
+    params = model.init(jax.random.key(int(rng.integers(1 << 30))), x)["params"]
+    qparams = lowbit_linen.quantize_params(params, bits=4, group_size=64, where="Dense")
+    assert isinstance(qparams["Dense_0"]["kernel"], jax_lowbit.QuantizedWeight)
+    assert not isinstance(qparams["middle"]["kernel"], jax_lowbit.QuantizedWeight)
+    # Reference: the same model with dequantized kernels, no interception.
+    dequantized = jax.tree.map(lambda a: a, qparams)
+    for name in ("Dense_0", "Dense_1"):
+        dequantized[name]["kernel"] = qparams[name]["kernel"].dequantize()
+    want = model.apply({"params": dequantized}, x)
+    with lowbit_linen.quantized_dense():
+        eager = model.apply({"params": qparams}, x)
+        jitted = jax.jit(lambda p, a: model.apply({"params": p}, a))(qparams, x)
+    np.testing.assert_allclose(np.asarray(eager), np.asarray(want), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(want), rtol=1e-5, atol=1e-4)
+
+
+def test_linen_checkpoint_roundtrip(rng, tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    model = DenseNet()
+    x = jnp.asarray(rng.normal(size=(2, 128)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    qparams = lowbit_linen.quantize_params(params, bits=2, group_size=128, symmetric=False)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", qparams)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / "ckpt", qparams)
+    with lowbit_linen.quantized_dense():
+        np.testing.assert_array_equal(np.asarray(model.apply({"params": restored}, x)),
+                                      np.asarray(model.apply({"params": qparams}, x)))
+    assert restored["Dense_0"]["kernel"].bits == 2
