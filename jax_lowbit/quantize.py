@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_lowbit import formats
+from jax_lowbit.hqq import optimize_zero_points
 from jax_lowbit.quantized_weight import QuantizedWeight
 from jax_lowbit.validation import check_weight_format
 
@@ -39,8 +40,11 @@ def _round_toward(value: jax.Array, dtype, direction: int) -> jax.Array:
     return rounded.astype(dtype)
 
 
+METHODS = ("rtn", "hqq")
+
+
 def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
-             scale_dtype=jnp.bfloat16) -> QuantizedWeight:
+             scale_dtype=jnp.bfloat16, method: str = "rtn") -> QuantizedWeight:
     """Quantizes a (K, N) weight (Flax kernel layout) to ``bits``-bit codes.
 
     Groups of ``group_size`` consecutive rows of K (all of K for -1) share one
@@ -58,6 +62,11 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
       symmetric: signed grid and a scale (True) or scale and offset (False).
       scale_dtype: storage dtype of scales and offsets: bfloat16 (default),
         float16 or float32.
+      method: "rtn" (round to nearest, above) or "hqq" (asymmetric only): the
+        same scales, with the offsets refined without data to minimize the l_p
+        (p = 0.7) reconstruction error, then codes rounded to nearest on that
+        grid (jax_lowbit/hqq.py). Extreme weights may then be clamped: the
+        half-step bound holds for "rtn" only.
 
     Returns:
       A QuantizedWeight. Under ``jax.jit`` the check for NaN/Inf in ``w``
@@ -71,6 +80,10 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
         raise TypeError(f"quantize: w must be a float array, got dtype {w.dtype}")
     k, n = (int(d) for d in w.shape)
     check_weight_format(k, bits, group_size, scale_dtype)
+    if method not in METHODS:
+        raise ValueError(f"unsupported method={method!r}; supported: {METHODS}")
+    if method == "hqq" and symmetric:
+        raise ValueError("method='hqq' refines zero points: use symmetric=False")
     if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
         raise ValueError("quantize: w contains NaN or Inf")
 
@@ -88,6 +101,13 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
         offsets = _round_toward(low, scale_dtype, -1)
         offsets_f32 = offsets.astype(jnp.float32)
         scales = _round_toward((high - offsets_f32) / ((1 << bits) - 1), scale_dtype, +1)
+        if method == "hqq":
+            scales_f32 = scales.astype(jnp.float32)
+            safe = jnp.where(scales_f32 == 0, 1.0, scales_f32)
+            zero_points = optimize_zero_points(grouped, scales_f32, -offsets_f32 / safe,
+                                               (1 << bits) - 1)
+            offsets = (-zero_points * scales_f32).astype(scale_dtype)
+            offsets_f32 = offsets.astype(jnp.float32)
     scales_f32 = scales.astype(jnp.float32)
     # A zero scale means a constant group: every code 0 gives back the offset.
     safe = jnp.where(scales_f32 == 0, 1.0, scales_f32)
