@@ -44,7 +44,8 @@ METHODS = ("rtn", "hqq")
 
 
 def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
-             scale_dtype=jnp.bfloat16, method: str = "rtn") -> QuantizedWeight:
+             scale_dtype=jnp.bfloat16, method: str = "rtn",
+             ternary: bool = False) -> QuantizedWeight:
     """Quantizes a (K, N) weight (Flax kernel layout) to ``bits``-bit codes.
 
     Groups of ``group_size`` consecutive rows of K (all of K for -1) share one
@@ -67,6 +68,10 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
         (p = 0.7) reconstruction error, then codes rounded to nearest on that
         grid (jax_lowbit/hqq.py). Extreme weights may then be clamped: the
         half-step bound holds for "rtn" only.
+      ternary: weights -1, 0, +1 times a per-group scale (BitNet b1.58 style:
+        scale = mean |w| of the group, codes round(w / scale) clipped to
+        [-1, 1]). Needs bits=2 and symmetric=True; stored as int2 symmetric
+        codes 1..3, so every int2 kernel serves it.
 
     Returns:
       A QuantizedWeight. Under ``jax.jit`` the check for NaN/Inf in ``w``
@@ -84,12 +89,18 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
         raise ValueError(f"unsupported method={method!r}; supported: {METHODS}")
     if method == "hqq" and symmetric:
         raise ValueError("method='hqq' refines zero points: use symmetric=False")
+    if ternary and (bits != 2 or not symmetric or method != "rtn"):
+        raise ValueError("ternary=True needs bits=2, symmetric=True and method='rtn'")
     if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
         raise ValueError("quantize: w contains NaN or Inf")
 
     rows = formats.group_rows(group_size, k)
     grouped = jnp.asarray(w, jnp.float32).reshape(k // rows, rows, n)
-    if symmetric:
+    if ternary:
+        scales = jnp.mean(jnp.abs(grouped), axis=1).astype(scale_dtype)
+        offsets_f32 = -formats.symmetric_offset(bits) * scales.astype(jnp.float32)
+        offsets = None
+    elif symmetric:
         half = formats.symmetric_offset(bits)
         absmax = jnp.max(jnp.abs(grouped), axis=1)
         scales = _round_toward(absmax / (half - 0.5), scale_dtype, +1)
@@ -112,7 +123,8 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
     # A zero scale means a constant group: every code 0 gives back the offset.
     safe = jnp.where(scales_f32 == 0, 1.0, scales_f32)
     codes = jnp.round((grouped - offsets_f32[:, None, :]) / safe[:, None, :])
-    codes = jnp.clip(codes, 0, (1 << bits) - 1).reshape(k, n)
+    lowest = 1 if ternary else 0  # ternary: codes 1, 2, 3 are -1, 0, +1
+    codes = jnp.clip(codes, lowest, (1 << bits) - 1).reshape(k, n)
 
     if not isinstance(scales, jax.core.Tracer):
         stored = [scales] if offsets is None else [scales, offsets]

@@ -166,3 +166,22 @@ def test_hqq_needs_zero_points_and_known_method(rng):
         jax_lowbit.quantize(w, 4, 64, method="hqq")
     with pytest.raises(ValueError, match="method"):
         jax_lowbit.quantize(w, 4, 64, method="gptq")
+
+
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_ternary(group_size, rng):
+    w = (rng.normal(size=(256, 40)) * 0.05).astype(np.float32)
+    qw = jax_lowbit.quantize(w, 2, group_size, ternary=True)
+    assert qw.bits == 2 and qw.symmetric
+    deq = spec_reference.dequantize_weight(qw)
+    scale = _group_repeat(qw.scales, qw)
+    values = np.round(deq / scale)
+    assert set(np.unique(values)) <= {-1.0, 0.0, 1.0}
+    np.testing.assert_allclose(deq, values * scale)
+    # BitNet b1.58: scale = mean |w| of the group, value = clip(round(w / scale), -1, 1).
+    rows = 256 if group_size == -1 else group_size
+    absmean = np.abs(w).reshape(256 // rows, rows, 40).mean(axis=1)
+    np.testing.assert_allclose(np.asarray(qw.scales, np.float32), absmean, rtol=2 ** -8)
+    np.testing.assert_array_equal(values, np.clip(np.round(w / scale), -1, 1))
+    with pytest.raises(ValueError, match="ternary"):
+        jax_lowbit.quantize(w, 4, group_size, ternary=True)
