@@ -1,0 +1,118 @@
+"""Import GPTQ and AWQ checkpoints into QuantizedWeight without dequantizing.
+
+Both projects store, per linear layer (K = in_features, N = out_features):
+int32 words of packed codes, int32 words of packed integer zero points, and
+float16 scales per (group, column). The imported weight keeps the codes and
+stores scales and offsets (``-zero * scale``) in float32, so that
+``dequantize(jnp.float16)`` is bit for bit the source's own float16 formula.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jax_lowbit import formats
+from jax_lowbit.quantized_weight import QuantizedWeight
+from jax_lowbit.validation import check_weight_format
+
+# AutoAWQ packs 8 int4 columns per word in this order (field i holds column ORDER[i]).
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def unpack_int32(words, bits: int, axis: int, order=None) -> np.ndarray:
+    """Integer fields of int32 ``words`` expanded along ``axis``: field i (bits
+    ``i*bits``) of a word is element ``order[i]`` (default ``i``) of its block."""
+    words = np.asarray(words).astype(np.uint32)
+    per_word = 32 // bits
+    fields = np.stack([(words >> np.uint32(bits * i)) & np.uint32((1 << bits) - 1)
+                       for i in range(per_word)], axis=-1)
+    if order is not None:
+        fields = fields[..., np.argsort(order)]  # position j <- the field holding element j
+    fields = np.moveaxis(fields, -1, axis + 1)
+    shape = list(words.shape)
+    shape[axis] *= per_word
+    return fields.reshape(shape).astype(np.int64)
+
+
+def _group_size(k: int, groups: int) -> int:
+    if groups <= 0 or k % groups:
+        raise ValueError(f"{groups} scale rows do not split K={k} into equal groups")
+    rows = k // groups
+    return -1 if groups == 1 else rows
+
+
+def _build(codes, zeros, scales, bits: int, group_size: int) -> QuantizedWeight:
+    k, n = codes.shape
+    check_weight_format(k, bits, group_size, jnp.float32)
+    if codes.min() < 0 or codes.max() >= (1 << bits):
+        raise ValueError(f"codes out of range for {bits} bits")
+    scales32 = np.asarray(scales, np.float32)
+    offsets = -np.asarray(zeros, np.float32) * scales32  # exact: |zero| < 2^9, 11-bit scales
+    return QuantizedWeight(
+        codes=formats.pack_codes(jnp.asarray(codes, jnp.uint32), bits),
+        scales=jnp.asarray(scales32), offsets=jnp.asarray(offsets),
+        shape=(k, n), bits=bits, group_size=group_size, symmetric=False)
+
+
+def load_gptq(qweight, qzeros, scales, g_idx=None, *, bits: int = 4, zero_offset: int = 1):
+    """A GPTQ layer (AutoGPTQ / GPTQ-for-LLaMa layout) as ``(QuantizedWeight, permutation)``.
+
+    Args:
+      qweight: int32 (K * bits / 32, N), codes packed along K, row ``k`` at bits
+        ``bits * (k % (32 / bits))`` of word row ``k // (32 / bits)``.
+      qzeros: int32 (G, N * bits / 32), zero points packed along N the same way.
+      scales: float16 (G, N).
+      g_idx: int (K,), the group of each row, or None for ``k // (K / G)``.
+      bits: 2, 4 or 8.
+      zero_offset: added to the stored zeros. 1 for the widespread format that
+        stores ``zero - 1`` (AutoGPTQ before its v2 format), 0 otherwise.
+
+    Returns:
+      ``(weight, permutation)``. With act-order (``g_idx`` not sorted) the rows
+      of K are reordered so that groups are contiguous: ``x @ W`` equals
+      ``x[..., permutation] @ weight``. ``permutation`` is None when no
+      reordering was needed.
+    """
+    codes = unpack_int32(qweight, bits, axis=0)
+    zeros = unpack_int32(qzeros, bits, axis=1) + zero_offset
+    scales = np.asarray(scales)
+    k, n = codes.shape
+    groups = scales.shape[0]
+    if zeros.shape != (groups, n) or scales.shape != (groups, n):
+        raise ValueError(f"qzeros/scales must describe ({groups}, {n}) groups, got "
+                         f"{zeros.shape} and {scales.shape}")
+    group_size = _group_size(k, groups)
+    rows = k // groups
+    contiguous = np.arange(k) // rows
+    permutation = None
+    if g_idx is not None:
+        g_idx = np.asarray(g_idx).astype(np.int64)
+        if g_idx.shape != (k,):
+            raise ValueError(f"g_idx must have shape ({k},), got {g_idx.shape}")
+        if not np.array_equal(g_idx, contiguous):
+            permutation = np.argsort(g_idx, kind="stable")
+            if not np.array_equal(g_idx[permutation], contiguous):
+                raise ValueError("g_idx does not assign exactly K / G rows to every group")
+            codes = codes[permutation]
+    return _build(codes, zeros, scales, bits, group_size), permutation
+
+
+def load_awq(qweight, qzeros, scales, *, bits: int = 4) -> QuantizedWeight:
+    """An AWQ layer (AutoAWQ GEMM layout) as a QuantizedWeight.
+
+    Args:
+      qweight: int32 (K, N / 8), 8 int4 codes of consecutive columns per word
+        in AWQ's interleaved order (0, 2, 4, 6, 1, 3, 5, 7).
+      qzeros: int32 (G, N / 8), zero points packed the same way.
+      scales: float16 (G, N).
+    """
+    if bits != 4:
+        raise ValueError("AWQ checkpoints are 4-bit")
+    codes = unpack_int32(qweight, bits, axis=1, order=AWQ_ORDER)
+    zeros = unpack_int32(qzeros, bits, axis=1, order=AWQ_ORDER)
+    scales = np.asarray(scales)
+    if zeros.shape != scales.shape or scales.shape[1] != codes.shape[1]:
+        raise ValueError(f"qzeros and scales must be (G, {codes.shape[1]}), got "
+                         f"{zeros.shape} and {scales.shape}")
+    return _build(codes, zeros, scales, bits, _group_size(codes.shape[0], scales.shape[0]))

@@ -1,0 +1,75 @@
+"""GPTQ and AWQ checkpoints, built here with each project's own packing, import bit-exactly."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_lowbit
+from jax_lowbit.importers import AWQ_ORDER, load_awq, load_gptq
+
+
+def _pack_along(values, bits, axis, order=None):
+    """The projects' packers: element order[i] of each block of 32/bits goes to field i."""
+    per_word = 32 // bits
+    v = np.moveaxis(np.asarray(values, np.uint32), axis, 0)
+    v = v.reshape(v.shape[0] // per_word, per_word, *v.shape[1:])
+    words = np.zeros((v.shape[0],) + v.shape[2:], np.uint32)
+    for i in range(per_word):
+        words |= v[:, order[i] if order else i] << np.uint32(bits * i)
+    return np.moveaxis(words.view(np.int32), 0, axis)
+
+
+def _random_layer(rng, k, n, bits, groups, zero_low=0):
+    codes = rng.integers(0, 1 << bits, size=(k, n))
+    zeros = rng.integers(zero_low, (1 << bits) + zero_low, size=(groups, n))
+    scales = rng.uniform(1e-3, 5e-2, size=(groups, n)).astype(np.float16)
+    return codes, zeros, scales
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_bit_exact(bits, act_order, rng):
+    k, n, group = 512, 64, 128
+    groups = k // group
+    # Stored as zero - 1 in a bits-wide field: zeros 1 .. 2^bits.
+    codes, zeros, scales = _random_layer(rng, k, n, bits, groups, zero_low=1)
+    g_idx = np.arange(k) // group
+    if act_order:  # GPTQ's desc_act: rows quantized in a permuted order
+        g_idx = g_idx[rng.permutation(k)]
+    qweight = _pack_along(codes, bits, axis=0)
+    qzeros = _pack_along(zeros - 1, bits, axis=1)  # stored as zero - 1
+    weight, permutation = load_gptq(qweight, qzeros, scales, g_idx, bits=bits)
+    # GPTQ's own dequant, in float16: scales[g_idx] * (q - (qzeros + 1)).
+    source = (scales[g_idx] * (codes - zeros[g_idx]).astype(np.float16)).astype(np.float16)
+    assert (permutation is None) != act_order
+    rows = permutation if act_order else np.arange(k)
+    got = np.asarray(weight.dequantize(jnp.float16))
+    np.testing.assert_array_equal(got.view(np.uint16), source[rows].view(np.uint16))
+    # And the product: x @ W == x[..., permutation] @ weight (W exact, before float16 rounding).
+    x = rng.normal(size=(3, k)).astype(np.float32)
+    want = x @ (scales.astype(np.float64)[g_idx] * (codes - zeros[g_idx]))
+    y = np.asarray(jax_lowbit.matmul(jnp.asarray(x[:, rows]), weight))
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+def test_awq_bit_exact(rng):
+    k, n, group = 256, 64, 128
+    codes, zeros, scales = _random_layer(rng, k, n, 4, k // group)
+    qweight = _pack_along(codes, 4, axis=1, order=AWQ_ORDER)
+    qzeros = _pack_along(zeros, 4, axis=1, order=AWQ_ORDER)
+    weight = load_awq(qweight, qzeros, scales)
+    g_idx = np.arange(k) // group
+    source = (scales[g_idx] * (codes - zeros[g_idx]).astype(np.float16)).astype(np.float16)
+    got = np.asarray(weight.dequantize(jnp.float16))
+    np.testing.assert_array_equal(got.view(np.uint16), source.view(np.uint16))
+
+
+def test_bad_checkpoints(rng):
+    codes, zeros, scales = _random_layer(rng, 256, 32, 4, 2)
+    qweight, qzeros = _pack_along(codes, 4, 0), _pack_along(zeros, 4, 1)
+    with pytest.raises(ValueError, match="g_idx"):
+        load_gptq(qweight, qzeros, scales, np.zeros(256, int))
+    with pytest.raises(ValueError, match="groups"):
+        load_gptq(qweight, qzeros, scales[:1].repeat(3, 0)[:, :32])
+    with pytest.raises(ValueError, match="4-bit"):
+        load_awq(qweight, qzeros, scales, bits=2)
