@@ -5,7 +5,7 @@
 """
 
 from jax_lowbit._extension import build_info, target_names
-from jax_lowbit.importers import load_awq, load_gptq
+from jax_lowbit.importers import load_awq, load_gptq, load_hqq
 from jax_lowbit.ops import dequantize, matmul
 from jax_lowbit.quantize import quantize
 from jax_lowbit.quantized_weight import QuantizedWeight
@@ -30,6 +30,7 @@ __all__ = [
     "export_disabled_checks",
     "load_awq",
     "load_gptq",
+    "load_hqq",
     "matmul",
     "quantize",
 ]

@@ -1,10 +1,11 @@
-"""Import GPTQ and AWQ checkpoints into QuantizedWeight without dequantizing.
+"""Import GPTQ, AWQ and HQQ checkpoints into QuantizedWeight without dequantizing.
 
-Both projects store, per linear layer (K = in_features, N = out_features):
+GPTQ and AWQ store, per linear layer (K = in_features, N = out_features):
 int32 words of packed codes, int32 words of packed integer zero points, and
-float16 scales per (group, column). The imported weight keeps the codes and
-stores scales and offsets (``-zero * scale``) in float32, so that
-``dequantize(jnp.float16)`` is bit for bit the source's own float16 formula.
+float16 scales per (group, column); HQQ stores uint8-packed codes with float
+scales and zero points. The imported weight keeps the codes and stores scales
+and offsets (``-zero * scale``, exact) in float32, so ``dequantize`` computes
+``scale * (code - zero)`` with one rounding, as the sources' formulas do.
 """
 
 from __future__ import annotations
@@ -116,3 +117,42 @@ def load_awq(qweight, qzeros, scales, *, bits: int = 4) -> QuantizedWeight:
         raise ValueError(f"qzeros and scales must be (G, {codes.shape[1]}), got "
                          f"{zeros.shape} and {scales.shape}")
     return _build(codes, zeros, scales, bits, _group_size(codes.shape[0], scales.shape[0]))
+
+
+def unpack_hqq_u8(packed, bits: int) -> np.ndarray:
+    """HQQ's uint8 packing ("8bit_u8", "4bit_u8", "2bit_u8"): the rows are split
+    into 8 / bits equal slices, slice j in the field at bits ``8 - bits*(j+1)``."""
+    packed = np.asarray(packed).astype(np.uint8)
+    slices = [(packed >> np.uint8(8 - bits * (j + 1))) & np.uint8((1 << bits) - 1)
+              for j in range(8 // bits)]
+    return np.concatenate(slices, axis=0).astype(np.int64)
+
+
+def load_hqq(W_q, meta: dict) -> QuantizedWeight:  # noqa: N803  (HQQ's own name)
+    """An HQQ layer (``HQQLinear``'s ``W_q`` and ``meta``) as a QuantizedWeight.
+
+    ``meta`` needs: ``nbits`` (2, 4 or 8), ``group_size``, ``axis`` (only 1:
+    groups of consecutive inputs; axis 0 groups strided elements, which this
+    format cannot hold), ``shape`` ((N, K), torch's (out, in)), ``scale`` and
+    ``zero`` ((N * K / group_size, 1)), and ``packing`` (e.g. "4bit_u8", or
+    None for unpacked codes). ``dequantize(jnp.float32)`` equals HQQ's
+    ``(W_q - zero) * scale`` evaluated in float32 bit for bit; HQQ in float16
+    rounds ``W_q - zero`` first, so float16 results may differ by one ulp.
+    """
+    bits, group_size = int(meta["nbits"]), int(meta["group_size"])
+    if int(meta.get("axis", 1)) != 1:
+        raise ValueError("HQQ axis=0 groups strided weights; only axis=1 checkpoints import")
+    n, k = (int(d) for d in meta["shape"])
+    codes = np.asarray(W_q)
+    if meta.get("packing"):
+        codes = unpack_hqq_u8(codes, bits)
+    rows = n * k // group_size
+    codes = codes.reshape(rows, group_size)
+    scale = np.asarray(meta["scale"], np.float32).reshape(rows)
+    zero = np.asarray(meta["zero"], np.float32).reshape(rows)
+    # Row r of the grouped tensor is column n = r // (K / g), group r % (K / g).
+    groups = k // group_size
+    codes = codes.reshape(n, k).T  # (K, N)
+    to_grid = lambda a: a.reshape(n, groups).T  # (groups, N)  # noqa: E731
+    return _build(codes, to_grid(zero), to_grid(scale), bits,
+                  -1 if groups == 1 else group_size)

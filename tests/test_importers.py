@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import jax_lowbit
-from jax_lowbit.importers import AWQ_ORDER, load_awq, load_gptq
+from jax_lowbit.importers import AWQ_ORDER, load_awq, load_gptq, load_hqq
 
 
 def _pack_along(values, bits, axis, order=None):
@@ -73,3 +73,36 @@ def test_bad_checkpoints(rng):
         load_gptq(qweight, qzeros, scales[:1].repeat(3, 0)[:, :32])
     with pytest.raises(ValueError, match="4-bit"):
         load_awq(qweight, qzeros, scales, bits=2)
+
+
+def _hqq_pack_u8(codes, bits):
+    """HQQ's BitPack.pack_{bits}bit_u8: row slices j = 0.. go to ever lower fields."""
+    parts = np.split(np.asarray(codes, np.uint8), 8 // bits, axis=0)
+    packed = np.zeros_like(parts[0])
+    for j, part in enumerate(parts):
+        packed |= part << np.uint8(8 - bits * (j + 1))
+    return packed
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group_size", [64, 256])
+def test_hqq_bit_exact(bits, group_size, rng):
+    n, k = 48, 256  # torch layout (out, in)
+    rows = n * k // group_size
+    codes = rng.integers(0, 1 << bits, size=(rows, group_size))
+    scale = rng.uniform(1e-3, 5e-2, size=(rows, 1)).astype(np.float16)
+    zero = rng.uniform(0, (1 << bits) - 1, size=(rows, 1)).astype(np.float16)  # float zeros
+    meta = dict(nbits=bits, group_size=group_size, axis=1, shape=(n, k), scale=scale, zero=zero,
+                packing=f"{bits}bit_u8")
+    weight = load_hqq(_hqq_pack_u8(codes, bits), meta)
+    # HQQ's dequant in float32: ((W_q - zero) * scale).reshape(shape); ours is its transpose.
+    source = ((codes.astype(np.float32) - zero.astype(np.float32)) * scale.astype(np.float32))
+    source = source.reshape(n, k).T
+    got = np.asarray(weight.dequantize(jnp.float32))
+    np.testing.assert_array_equal(got.view(np.uint32), source.view(np.uint32))
+
+
+def test_hqq_axis0_refused(rng):
+    with pytest.raises(ValueError, match="axis=0"):
+        load_hqq(np.zeros((4, 64), np.uint8), dict(nbits=4, group_size=64, axis=0, shape=(8, 64),
+                                                   scale=np.ones(8), zero=np.ones(8)))
