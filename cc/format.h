@@ -35,9 +35,18 @@ LOWBIT_HD uint32_t code_at(uint32_t word, int j, int bits) {
 }
 
 // Every format dequantizes with one fma: w = code * scale + offset. Symmetric
-// weights store no offset; their offset is -2^(bits-1) * scale.
+// weights store no offset; their offset is -2^(bits-1) * scale. One rounding,
+// as an fma gives: nvcc contracts the expression into an fma; on the host the
+// product (8-bit code x 24-bit scale) is exact in double, and so is the sum
+// whenever it and the offset are within 2^21 of each other, which holds for
+// every offset a grid makes (a few multiples of the scale), so the cast to
+// float is the only rounding.
 LOWBIT_HD float dequantize_code(uint32_t code, float scale, float offset) {
+#if defined(__CUDA_ARCH__)
   return static_cast<float>(code) * scale + offset;
+#else
+  return static_cast<float>(static_cast<double>(code) * scale + offset);
+#endif
 }
 
 }  // namespace jax_lowbit

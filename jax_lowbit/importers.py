@@ -156,3 +156,33 @@ def load_hqq(W_q, meta: dict) -> QuantizedWeight:  # noqa: N803  (HQQ's own name
     to_grid = lambda a: a.reshape(n, groups).T  # (groups, N)  # noqa: E731
     return _build(codes, to_grid(zero), to_grid(scale), bits,
                   -1 if groups == 1 else group_size)
+
+
+def load_bitnet(weight, weight_scale) -> QuantizedWeight:
+    """A BitNet b1.58 layer (Hugging Face ``BitLinear`` layout) as a ternary QuantizedWeight.
+
+    Args:
+      weight: uint8 (ceil(N / 4), K): ternary values + 1 packed along the output
+        dimension of torch's (out, in) weight, rows ``i*R .. (i+1)*R`` of the
+        unpacked tensor in bits ``2i`` (R = rows of ``weight``).
+      weight_scale: the layer's scalar; the weight is ``ternary / weight_scale``.
+
+    Returns int2 symmetric codes (ternary + 2) with one float32 scale
+    ``1 / weight_scale`` per column (group_size -1): ``dequantize(jnp.float32)``
+    equals ``ternary / weight_scale`` in float32 bit for bit. Only the weight is
+    imported: BitNet's int8 activation quantization is not applied by
+    ``matmul`` (it multiplies bf16/fp16/f32 activations).
+    """
+    packed = np.asarray(weight).astype(np.uint8)
+    ternary = np.concatenate([(packed >> np.uint8(2 * i)) & np.uint8(3) for i in range(4)],
+                             axis=0).astype(np.int64) - 1
+    if ternary.min() < -1 or ternary.max() > 1:
+        raise ValueError("BitNet weight holds a field value 3: not a ternary checkpoint")
+    n, k = ternary.shape  # 4 * rows outputs (a checkpoint pads N to a multiple of 4)
+    scale = np.float32(1.0) / np.asarray(weight_scale, np.float32).reshape(())
+    codes = (ternary + 2).T  # (K, N)
+    check_weight_format(k, 2, -1, jnp.float32)
+    return QuantizedWeight(
+        codes=formats.pack_codes(jnp.asarray(codes, jnp.uint32), 2),
+        scales=jnp.full((1, n), scale, jnp.float32), offsets=None,
+        shape=(k, n), bits=2, group_size=-1, symmetric=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import jax_lowbit
-from jax_lowbit.importers import AWQ_ORDER, load_awq, load_gptq, load_hqq
+from jax_lowbit.importers import AWQ_ORDER, load_awq, load_bitnet, load_gptq, load_hqq
 
 
 def _pack_along(values, bits, axis, order=None):
@@ -106,3 +106,21 @@ def test_hqq_axis0_refused(rng):
     with pytest.raises(ValueError, match="axis=0"):
         load_hqq(np.zeros((4, 64), np.uint8), dict(nbits=4, group_size=64, axis=0, shape=(8, 64),
                                                    scale=np.ones(8), zero=np.ones(8)))
+
+
+def test_bitnet_bit_exact(rng):
+    n, k = 64, 256  # torch layout (out, in)
+    ternary = rng.integers(-1, 2, size=(n, k))
+    rows = n // 4
+    # transformers' pack_weights: slice i of the rows goes to bits 2i, values + 1.
+    packed = np.zeros((rows, k), np.uint8)
+    for i in range(4):
+        packed |= (ternary[i * rows:(i + 1) * rows] + 1).astype(np.uint8) << np.uint8(2 * i)
+    weight_scale = np.float32(rng.uniform(5, 50))
+    weight = load_bitnet(packed, np.array([weight_scale]))
+    source = (ternary.astype(np.float32) / weight_scale).T  # BitLinear: w / weight_scale
+    got = np.asarray(weight.dequantize(jnp.float32))
+    np.testing.assert_array_equal(got.view(np.uint32), source.view(np.uint32))
+    assert weight.bits == 2 and weight.symmetric and weight.group_size == -1
+    with pytest.raises(ValueError, match="ternary"):
+        load_bitnet(np.full((rows, k), 0xFF, np.uint8), np.array([1.0]))
