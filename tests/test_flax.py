@@ -205,3 +205,24 @@ def test_linear_general_and_einsum(rng):
     # And close to the float layers they replace (int8).
     for got, want in ((y, float_general), (model.einsum(z), float_einsum)):
         assert np.linalg.norm(np.asarray(got) - want) < 0.02 * np.linalg.norm(want)
+
+
+def test_quant_linear_with_gptq_act_order(rng):
+    """A GPTQ act-order import runs in QuantLinear with its input permutation."""
+    from jax_lowbit.importers import load_gptq
+    from test_importers import _pack_along
+
+    k, n, group = 256, 32, 64
+    codes = rng.integers(0, 16, size=(k, n))
+    zeros = rng.integers(1, 17, size=(k // group, n))
+    scales = rng.uniform(1e-3, 5e-2, size=(k // group, n)).astype(np.float16)
+    g_idx = (np.arange(k) // group)[rng.permutation(k)]
+    weight, permutation = load_gptq(_pack_along(codes, 4, 0), _pack_along(zeros - 1, 4, 1),
+                                    scales, g_idx)
+    layer = QuantLinear(weight, input_permutation=permutation)
+    x = jnp.asarray(rng.normal(size=(3, k)), jnp.float32)
+    w = scales.astype(np.float64)[g_idx] * (codes - zeros[g_idx])  # the checkpoint's W
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(x, np.float64) @ w,
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="permutation"):
+        QuantLinear(weight, input_permutation=np.zeros(k, int))

@@ -6,6 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import jax_lowbit
@@ -27,9 +28,12 @@ class QuantLinear(nnx.Module):
     computation dtype (bfloat16, float16 or float32); None computes in x's
     dtype. The bias, if any, is an ``nnx.Param`` of shape (out_features,),
     kept in its own dtype and added in the computation dtype.
+    ``input_permutation`` (from ``jax_lowbit.load_gptq`` with act-order)
+    reorders the input features first: ``y = x[..., permutation] @ W + b``.
     """
 
-    def __init__(self, weight: QuantizedWeight, bias=None, *, dtype=None, output_shape=None):
+    def __init__(self, weight: QuantizedWeight, bias=None, *, dtype=None, output_shape=None,
+                 input_permutation=None):
         if not isinstance(weight, QuantizedWeight):
             raise TypeError(f"QuantLinear: expected a QuantizedWeight, got {type(weight).__name__}")
         if dtype is not None:
@@ -47,6 +51,13 @@ class QuantLinear(nnx.Module):
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
         self.dtype = dtype
         self.output_shape = None if output_shape is None else tuple(output_shape)
+        if input_permutation is not None:
+            input_permutation = np.asarray(input_permutation)
+            if sorted(input_permutation.tolist()) != list(range(self.in_features)):
+                raise ValueError("QuantLinear: input_permutation must be a permutation of "
+                                 f"range({self.in_features})")
+        self.input_permutation = (None if input_permutation is None else
+                                  QuantizedArray(jnp.asarray(input_permutation, jnp.int32)))
         if self.output_shape is not None and math.prod(self.output_shape) != self.out_features:
             raise ValueError(f"QuantLinear: output_shape {self.output_shape} does not have "
                              f"{self.out_features} elements")
@@ -82,6 +93,8 @@ class QuantLinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.asarray(x)
+        if self.input_permutation is not None:
+            x = jnp.take(x, self.input_permutation[...], axis=-1)
         if self.dtype is not None:
             x = x.astype(self.dtype)
         y = jax_lowbit.matmul(x, self.weight)
