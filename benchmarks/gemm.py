@@ -5,7 +5,7 @@ path and jax_lowbit's formats, all in one process, and reports the speedups
 and the fraction of the bytes-over-bandwidth floor (bandwidth measured here by
 a device-to-device copy). Usage:
 
-    python benchmarks/gemm.py [--m 1 16 64 256 1024 4096] [--json out.json] [--plot out.png]
+    python benchmarks/gemm.py [--m 1 16 32 64 256 1024 4096] [--json out.json] [--plot out.png]
 """
 
 from __future__ import annotations
@@ -27,15 +27,30 @@ FORMATS = [(4, True), (4, False), (2, True), (2, False)]
 GROUP = 128
 
 
+SAMPLES = 9
+
+
 def _timed(fn, args, passes: int) -> float:
     """Median seconds per pass of ``fn`` (one call runs ``passes`` passes)."""
-    jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(7):
-        start = time.perf_counter()
+    return _timed_together({"fn": (fn, args, passes)})["fn"]
+
+
+def _timed_together(calls: dict) -> dict:
+    """Median seconds per pass of each ``name: (fn, args, passes)``.
+
+    The calls take turns within every sample round, so a slow spell of the
+    GPU (clocks, a neighbour) hits all of them alike and the ratios between
+    them stay fair.
+    """
+    for fn, args, _ in calls.values():
         jax.block_until_ready(fn(*args))
-        samples.append((time.perf_counter() - start) / passes)
-    return float(np.median(samples))
+    samples = {name: [] for name in calls}
+    for _ in range(SAMPLES):
+        for name, (fn, args, passes) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            samples[name].append((time.perf_counter() - start) / passes)
+    return {name: float(np.median(s)) for name, s in samples.items()}
 
 
 def _passes(layer_fn):
@@ -87,7 +102,7 @@ def measure_bandwidth() -> float:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096])
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 32, 64, 256, 1024, 4096])
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args()
@@ -116,11 +131,10 @@ def main():
         passes = 20 if m <= 256 else 2
         xs = [[jax.random.normal(jax.random.fold_in(key, 100 * r + i), (m, SUITE[i][0]),
                                  jnp.bfloat16) for i in range(4)] for r in range(passes)]
-        row = {}
-        for name, ws in weights.items():
-            fn = _passes(layer_fns.get(name, jax_lowbit.matmul))
-            # One "pass" of the suite is the four layers once: COPIES per loop.
-            row[name] = _timed(fn, (xs, ws), passes * COPIES) * 1e6
+        # One "pass" of the suite is the four layers once: COPIES per loop.
+        calls = {name: (_passes(layer_fns.get(name, jax_lowbit.matmul)), (xs, ws), passes * COPIES)
+                 for name, ws in weights.items()}
+        row = {name: seconds * 1e6 for name, seconds in _timed_together(calls).items()}
         results[m] = row
         base, xla4 = row["bf16"], row["xla int4 g128"]
         print(f"\nM={m}: bf16 {base:.1f} µs, xla int4 g128 {xla4:.1f} µs")

@@ -2,7 +2,7 @@
 
 CPU: the C++ handlers take float32 scales, offsets, x and y; dtype
 conversions around the call are left to XLA, which fuses them.
-CUDA: matmul with int4/int2 codes, bf16/fp16 x and at most 16 rows runs the
+CUDA: matmul with int4/int2 codes, bf16/fp16 x and at most 32 rows runs the
 fused small-M kernel (cc/cuda/gemm_small_m.cu); everything else is the
 dequantize kernel followed by XLA's dot. The CPU and dequantize handlers compute ``code * scale + offset``; symmetric weights get their
 offset ``-2^(bits-1) * scale`` here.
@@ -63,7 +63,7 @@ def _dequantize_cuda(*weight, fmt: WeightFormat, dtype):
     return _dequantize_call(weight, fmt, dtype)
 
 
-SMALL_M_MAX_ROWS = 16
+SMALL_M_MAX_ROWS = 32
 
 
 def uses_small_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> bool:

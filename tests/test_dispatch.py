@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jax_lowbit
+from jax_lowbit import lowering
 
 pytestmark = pytest.mark.skipif(not jax_lowbit.build_info()["cuda"],
                                 reason="built without the CUDA extension")
@@ -31,19 +32,19 @@ DEQUANTIZE_THEN_DOT = {"jax_lowbit_dequantize"}
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("x_shape", [(1, 256), (16, 256), (256,), (2, 8, 256)])
+@pytest.mark.parametrize("x_shape", [(1, 256), (16, 256), (32, 256), (256,), (2, 8, 256)])
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float16])
 def test_small_m_uses_fused_kernel(bits, x_shape, x_dtype, rng):
     assert _cuda_targets(x_shape, x_dtype, _weight(rng, bits=bits)) == FUSED
 
 
 @pytest.mark.parametrize("case", [
-    "17 rows", "float32 x", "int8 codes", "N not a multiple of 4", "K not a multiple of 4P",
+    "too many rows", "float32 x", "int8 codes", "N not a multiple of 4", "K not a multiple of 4P",
     "float32 scales", "float16 scales with bfloat16 x"])
 def test_other_cases_dequantize_then_dot(case, rng):
     x_shape, x_dtype, qw = (1, 256), jnp.bfloat16, None
-    if case == "17 rows":
-        x_shape = (17, 256)
+    if case == "too many rows":
+        x_shape = (lowering.SMALL_M_MAX_ROWS + 1, 256)
     elif case == "float32 x":
         x_dtype = jnp.float32
     elif case == "int8 codes":

@@ -46,9 +46,12 @@ def test_quant_linear_matches_linear_with_dequantized_weights(use_bias, bits, rn
     y = layer(x)
     assert y.shape == (2, 5, 48) and y.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y), _reference(layer, x), rtol=1e-5, atol=1e-4)
-    # Same as nnx.Linear holding the dequantized kernel.
+    # Same as nnx.Linear holding the dequantized kernel (in full float32: a
+    # GPU's default float32 dot rounds its inputs to TF32).
     linear.kernel[...] = layer.weight.dequantize()
-    np.testing.assert_allclose(np.asarray(y), np.asarray(linear(x)), rtol=1e-5, atol=1e-4)
+    with jax.default_matmul_precision("highest"):
+        want = linear(x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-4)
 
 
 def test_quant_linear_computation_dtype(rng):
@@ -155,7 +158,8 @@ def test_linen_quantize_params_and_intercept(rng):
     dequantized = jax.tree.map(lambda a: a, qparams)
     for name in ("Dense_0", "Dense_1"):
         dequantized[name]["kernel"] = qparams[name]["kernel"].dequantize()
-    want = model.apply({"params": dequantized}, x)
+    with jax.default_matmul_precision("highest"):  # no TF32 on a GPU
+        want = model.apply({"params": dequantized}, x)
     with lowbit_linen.quantized_dense():
         eager = model.apply({"params": qparams}, x)
         jitted = jax.jit(lambda p, a: model.apply({"params": p}, a))(qparams, x)

@@ -44,7 +44,7 @@ def test_dequantize_kernel_writes_every_element(bits, group_size, symmetric, dty
     np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6)
 
 
-@pytest.mark.parametrize("m", [16, 64])  # the fused kernel and dequantize + dot
+@pytest.mark.parametrize("m", [16, 32, 64])  # fused kernel (16, 32 rows), dequantize + dot
 def test_repeated_runs_identical(m, rng):
     qw = jax_lowbit.quantize(rng.normal(size=(1024, 512)).astype(np.float32), 4, 128)
     x = jnp.asarray(rng.normal(size=(m, 1024)), jnp.bfloat16)
@@ -54,7 +54,7 @@ def test_repeated_runs_identical(m, rng):
         np.testing.assert_array_equal(np.asarray(f(x, qw).astype(jnp.float32)), first)
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("m", [1, 3, 9, 16, 17, 32])  # each M-tile count, partial tiles
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("symmetric", [True, False])

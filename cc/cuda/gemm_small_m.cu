@@ -28,9 +28,9 @@
 //    the offset for asymmetric weights) applies the scale: w rounds once, as
 //    dequantize() to the activation dtype does.
 //  * Deterministic reduction: each warp writes its partial sums to shared
-//    memory and the CTA adds them in warp order.
+//    memory and the CTA adds them in warp order, one M tile at a time.
 // Requires N % 4 == 0 and K % (4 * P) == 0 (the dispatcher checks; other
-// shapes take the dequantize + dot path), M <= 16.
+// shapes take the dequantize + dot path), M <= 32.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -92,7 +92,7 @@ __device__ __forceinline__ uint32_t as_bits(Pair v) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-constexpr int kMaxRows = 16;
+constexpr int kMaxRows = 32;
 
 struct GemmArgs {
   const void* x;
@@ -129,10 +129,14 @@ struct Dequantizer {
   }
 };
 
+// Up to 16 rows two CTAs share an SM, so one CTA's dequantize, MMAs and
+// reduction overlap the other's loads (with one, every SM idled its DRAM
+// queue between CTAs). 17 to 32 rows need one CTA's 128 registers a lane.
+template <int kMTiles>
+constexpr int kCtasPerSm = kMTiles <= 2 ? 2 : 1;
+
 template <typename T, int kBits, int kMTiles, bool kSymmetric>
-// Two CTAs per SM: one CTA's dequantize, MMAs and reduction overlap the other's
-// loads (with one, every SM idled its DRAM queue between CTAs).
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
     gemm_small_m_kernel(const T* __restrict__ x, const uint32_t* __restrict__ codes,
                         const T* __restrict__ scales, const T* __restrict__ offsets,
                         T* __restrict__ y, int m_rows, int k, int n, int group_shift) {
@@ -142,21 +146,24 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int kPerWord = codes_per_word(kBits);
   constexpr int kHalves = kPerWord / 4;          // MMA k16 steps per word
   constexpr int kXWords = kPerWord / 2;          // x pairs per lane per M tile
-  // Steps whose loads are in flight together, within the 64 registers a
-  // lane has when two CTAs share an SM.
-  constexpr int kUnroll = (kBits == 4 ? 4 : 2) / kMTiles;
+  // Steps whose loads are in flight together, within the registers a lane
+  // has (64 when two CTAs share an SM).
+  constexpr int kLoadsPerLane = kBits == 4 ? 4 : 2;
+  constexpr int kUnroll = kMTiles >= kLoadsPerLane ? 1 : kLoadsPerLane / kMTiles;
+  constexpr int kStride = kWarps * kUnroll;      // steps of one CTA iteration
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int g = lane / 4;
   const int t = lane % 4;
-  const int col0 = blockIdx.x * kColumns + 4 * g;
+  const int strip = blockIdx.x * kColumns;
+  const int col0 = strip + 4 * g;
   const bool col_ok = col0 < n;
   const int steps = k / (4 * kPerWord);
 
   float acc[kMTiles][2][4] = {};
 
-  for (int base = warp; base < steps; base += kWarps * kUnroll) {
+  for (int base = warp; base < steps; base += kStride) {
     uint4 w[kUnroll];
     uint2 s[kUnroll];
     uint2 o[kUnroll];
@@ -214,59 +221,63 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  // Deterministic split-K: partial sums of every warp, added in warp order.
-  __shared__ float partial[kWarps][kMTiles * 8][kColumns];
+  // Deterministic split-K: partial sums of every warp, added in warp order,
+  // one M tile (8 rows) at a time to keep shared memory at 16 KB.
+  __shared__ float partial[kWarps][8][kColumns];
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
       const int c = 4 * g + 2 * p;  // accumulator rows g, g + 8 -> columns c, c + 1
-      const int m = mt * 8 + 2 * t;  // accumulator columns 2t, 2t + 1 -> rows m, m + 1
-      partial[warp][m][c] = acc[mt][p][0];
-      partial[warp][m + 1][c] = acc[mt][p][1];
-      partial[warp][m][c + 1] = acc[mt][p][2];
-      partial[warp][m + 1][c + 1] = acc[mt][p][3];
+      const int r = 2 * t;          // accumulator columns 2t, 2t + 1 -> rows r, r + 1
+      partial[warp][r][c] = acc[mt][p][0];
+      partial[warp][r + 1][c] = acc[mt][p][1];
+      partial[warp][r][c + 1] = acc[mt][p][2];
+      partial[warp][r + 1][c + 1] = acc[mt][p][3];
     }
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < kMTiles * 8 * kColumns; i += kThreads) {
-    const int m = i / kColumns;
-    const int col = blockIdx.x * kColumns + i % kColumns;
-    if (m >= m_rows || col >= n) continue;
-    float sum = 0.f;
+    __syncthreads();
+    for (int i = threadIdx.x; i < 8 * kColumns; i += kThreads) {
+      const int m = mt * 8 + i / kColumns;
+      const int col = strip + i % kColumns;
+      if (m < m_rows && col < n) {
+        float sum = 0.f;
 #pragma unroll
-    for (int wi = 0; wi < kWarps; ++wi) sum += partial[wi][m][i % kColumns];
-    y[int64_t(m) * n + col] = from_float<T>(sum);
+        for (int wi = 0; wi < kWarps; ++wi) sum += partial[wi][i / kColumns][i % kColumns];
+        y[int64_t(m) * n + col] = from_float<T>(sum);
+      }
+    }
+    __syncthreads();
   }
 }
 
 template <typename T, int kBits, int kMTiles, bool kSymmetric>
-void launch_gemm(const GemmArgs& args, cudaStream_t stream) {
+cudaError_t launch_gemm(const GemmArgs& args, cudaStream_t stream) {
   const int blocks = (args.n + kColumns - 1) / kColumns;
   gemm_small_m_kernel<T, kBits, kMTiles, kSymmetric><<<blocks, kThreads, 0, stream>>>(
       static_cast<const T*>(args.x), args.codes, static_cast<const T*>(args.scales),
       static_cast<const T*>(args.offsets), static_cast<T*>(args.y), args.m, args.k, args.n,
       args.group_shift);
+  return cudaGetLastError();
 }
 
+template <typename T, int kBits, int kMTiles>
+cudaError_t launch_symmetry(const GemmArgs& args, bool symmetric, cudaStream_t stream) {
+  return symmetric ? launch_gemm<T, kBits, kMTiles, true>(args, stream)
+                   : launch_gemm<T, kBits, kMTiles, false>(args, stream);
+}
+
+// The fewest 8-row MMA tiles that cover M.
 template <typename T, int kBits>
-void dispatch_tiles(const GemmArgs& args, bool symmetric, cudaStream_t stream) {
-  if (args.m <= 8) {
-    symmetric ? launch_gemm<T, kBits, 1, true>(args, stream)
-              : launch_gemm<T, kBits, 1, false>(args, stream);
-  } else {
-    symmetric ? launch_gemm<T, kBits, 2, true>(args, stream)
-              : launch_gemm<T, kBits, 2, false>(args, stream);
-  }
+cudaError_t dispatch_tiles(const GemmArgs& args, bool symmetric, cudaStream_t stream) {
+  if (args.m <= 8) return launch_symmetry<T, kBits, 1>(args, symmetric, stream);
+  if (args.m <= 16) return launch_symmetry<T, kBits, 2>(args, symmetric, stream);
+  return launch_symmetry<T, kBits, 4>(args, symmetric, stream);
 }
 
 template <typename T>
-void dispatch_bits(const GemmArgs& args, bool symmetric, cudaStream_t stream) {
-  if (args.bits == 4) {
-    dispatch_tiles<T, 4>(args, symmetric, stream);
-  } else {
-    dispatch_tiles<T, 2>(args, symmetric, stream);
-  }
+cudaError_t dispatch_bits(const GemmArgs& args, bool symmetric, cudaStream_t stream) {
+  return args.bits == 4 ? dispatch_tiles<T, 4>(args, symmetric, stream)
+                        : dispatch_tiles<T, 2>(args, symmetric, stream);
 }
 
 ffi::Error gemm_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> codes,
@@ -293,7 +304,7 @@ ffi::Error gemm_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
   if (x_dims[0] > kMaxRows || w.n % 4 != 0 || w.k % (4 * per_word) != 0 ||
       w.k > INT32_MAX / 2 || w.n > INT32_MAX / 2) {
     return ffi::Error::InvalidArgument(
-        "gemm: needs M <= 16, N % 4 == 0 and K % (4 * codes per word) == 0");
+        "gemm: needs M <= 32, N % 4 == 0 and K % (4 * codes per word) == 0");
   }
   // Groups are powers of two; one group spanning K has every row in group 0.
   int group_shift = 31;
@@ -308,12 +319,9 @@ ffi::Error gemm_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
   const GemmArgs args{x.untyped_data(), codes.typed_data(), scales.untyped_data(),
                       offsets.untyped_data(), y->untyped_data(), static_cast<int>(x_dims[0]),
                       static_cast<int>(w.k), static_cast<int>(w.n), w.bits, group_shift};
-  if (dtype == ffi::BF16) {
-    dispatch_bits<__nv_bfloat16>(args, symmetric, stream);
-  } else {
-    dispatch_bits<__half>(args, symmetric, stream);
-  }
-  const cudaError_t err = cudaGetLastError();
+  const cudaError_t err = dtype == ffi::BF16
+                              ? dispatch_bits<__nv_bfloat16>(args, symmetric, stream)
+                              : dispatch_bits<__half>(args, symmetric, stream);
   if (err != cudaSuccess) {
     return ffi::Error::Internal(std::string("gemm kernel launch failed: ") +
                                 cudaGetErrorString(err));
