@@ -16,6 +16,8 @@ CUDA: XLA's own integer dot, until the fused int8 tensor-core kernel lands
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.interpreters import mlir
@@ -29,7 +31,7 @@ def _as_int8(x):
 
 def _int_matmul_cpu(a, b, *scales, epilogue: IntEpilogue):
     k, n = b.shape
-    rows = _as_int8(a).reshape(-1, k)
+    rows = _as_int8(a).reshape(math.prod(a.shape[:-1]), k)
     acc = jax.ffi.ffi_call("jax_lowbit_int_matmul",
                            jax.ShapeDtypeStruct((rows.shape[0], n), jnp.int32))(rows, _as_int8(b))
     return epilogue.apply(acc.reshape(a.shape[:-1] + (n,)), scales)

@@ -57,6 +57,12 @@ def test_leading_dims_and_widths(lead, n, rng):
     _exact(jax_lowbit.int_matmul(ja, jb), a @ b)
 
 
+@pytest.mark.parametrize("a_shape, n", [((3, 0), 5), ((0, 4), 5), ((2, 0, 4), 3), ((3, 4), 0)])
+def test_empty_dims(a_shape, n, rng):
+    a, b, ja, jb = _operands(rng, a_shape, n, jnp.int8)
+    _exact(jax_lowbit.int_matmul(ja, jb), a @ b)
+
+
 def test_sums_past_int32_wrap_like_xla_dot():
     # K = 2^17 + 1024 products of 2^14 overflow int32; both platforms wrap modulo 2^32.
     k = 2**17 + 1024
