@@ -101,8 +101,9 @@ def test_scaled_against_float64(out_dtype, which, dtype, rng):
     y = jax_lowbit.int_matmul(ja, jb, **kwargs)
     expected_dtype = jnp.bfloat16 if out_dtype is None else out_dtype
     assert y.dtype == jnp.dtype(expected_dtype) and y.shape == want.shape
-    np.testing.assert_allclose(np.asarray(y, np.float64), want,
-                               rtol=TOLERANCE[expected_dtype], atol=0)
+    # Rounding to out_dtype: relative, and one subnormal step near 0 (float16).
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=TOLERANCE[expected_dtype],
+                               atol=float(jnp.finfo(expected_dtype).smallest_subnormal))
 
 
 @pytest.mark.parametrize("scale_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
