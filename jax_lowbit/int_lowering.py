@@ -4,12 +4,11 @@ int4 operands are widened to int8 before the call. XLA:CPU does hand S4
 buffers to FFI handlers, packed two per byte, but the FFI headers of the
 jaxlib this is built against (xla/ffi/api/ffi.h) declare S4 one byte wide
 (``ByteWidth``) and give it no native type (``Buffer<S4>::typed_data`` does
-not compile), so the packed layout is not a contract of the FFI API. An int8
-copy is exact and costs the CPU reference nothing that matters.
+not compile), so the packed layout is not a contract of the FFI API. The
+int8 copy is exact; it doubles the bytes of int4 operands.
 
-CPU: the C++ handler computes the int32 product (cc/cpu/int_matmul.cc) and
-XLA applies the float epilogue around it (IntEpilogue.apply), fused into one
-elementwise loop.
+CPU: the C++ handler computes the int32 product (cc/cpu/int_matmul.cc); the
+float epilogue (IntEpilogue.apply) is elementwise XLA ops after the call.
 CUDA: XLA's own integer dot, until the fused int8 tensor-core kernel lands
 (issue #5); same epilogue.
 """
