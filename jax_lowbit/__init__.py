@@ -6,6 +6,7 @@
 
 from jax_lowbit._extension import build_info, target_names
 from jax_lowbit.importers import load_awq, load_bitnet, load_gptq, load_hqq
+from jax_lowbit.int_ops import int_matmul
 from jax_lowbit.ops import dequantize, matmul
 from jax_lowbit.quantize import quantize
 from jax_lowbit.quantized_weight import QuantizedWeight
@@ -28,6 +29,7 @@ __all__ = [
     "build_info",
     "dequantize",
     "export_disabled_checks",
+    "int_matmul",
     "load_awq",
     "load_bitnet",
     "load_gptq",

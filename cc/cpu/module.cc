@@ -3,6 +3,7 @@
 
 #include "build_config.h"
 #include "cpu/handlers.h"
+#include "cpu/int_matmul.h"
 #include "xla/ffi/api/c_api.h"
 
 namespace nb = nanobind;
@@ -21,6 +22,7 @@ NB_MODULE(_cpu, m) {
     nb::dict targets;
     targets["jax_lowbit_dequantize"] = as_capsule(LowbitDequantizeCpu);
     targets["jax_lowbit_matmul"] = as_capsule(LowbitMatmulCpu);
+    targets["jax_lowbit_int_matmul"] = as_capsule(LowbitIntMatmulCpu);
     return targets;
   });
   m.def("build_info", []() {

@@ -1,0 +1,49 @@
+"""Platform lowerings of int_matmul.
+
+int4 operands are widened to int8 before the call. XLA:CPU does hand S4
+buffers to FFI handlers, packed two per byte, but the FFI headers of the
+jaxlib this is built against (xla/ffi/api/ffi.h) declare S4 one byte wide
+(``ByteWidth``) and give it no native type (``Buffer<S4>::typed_data`` does
+not compile), so the packed layout is not a contract of the FFI API. The
+int8 copy is exact; it doubles the bytes of int4 operands.
+
+CPU: the C++ handler computes the int32 product (cc/cpu/int_matmul.cc); the
+float epilogue (IntEpilogue.apply) is elementwise XLA ops after the call.
+CUDA: XLA's own integer dot, until the fused int8 tensor-core kernel lands
+(issue #5); same epilogue.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.interpreters import mlir
+
+from jax_lowbit.int_primitives import IntEpilogue, int_matmul_p
+
+
+def _as_int8(x):
+    return x.astype(jnp.int8)
+
+
+def _int_matmul_cpu(a, b, *scales, epilogue: IntEpilogue):
+    k, n = b.shape
+    rows = _as_int8(a).reshape(math.prod(a.shape[:-1]), k)
+    acc = jax.ffi.ffi_call("jax_lowbit_int_matmul",
+                           jax.ShapeDtypeStruct((rows.shape[0], n), jnp.int32))(rows, _as_int8(b))
+    return epilogue.apply(acc.reshape(a.shape[:-1] + (n,)), scales)
+
+
+def _int_matmul_xla(a, b, *scales, epilogue: IntEpilogue):
+    # Pending: a fused CUDA kernel on int8 tensor cores (issue #5) replaces this.
+    acc = jax.lax.dot_general(_as_int8(a), _as_int8(b), (((a.ndim - 1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.int32)
+    return epilogue.apply(acc, scales)
+
+
+mlir.register_lowering(int_matmul_p, mlir.lower_fun(_int_matmul_cpu, multiple_results=False),
+                       platform="cpu")
+mlir.register_lowering(int_matmul_p, mlir.lower_fun(_int_matmul_xla, multiple_results=False),
+                       platform="cuda")

@@ -1,0 +1,256 @@
+"""int_matmul: exact against numpy int64, scaled epilogue, transforms, export, errors."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax_lowbit
+
+RANGES = {jnp.int8: (-128, 127), jnp.int4: (-8, 7)}
+
+
+def _ints(rng, shape, dtype):
+    """Random integers of ``dtype``'s range, with its extremes planted in every row."""
+    lo, hi = RANGES[dtype]
+    x = rng.integers(lo, hi + 1, size=shape)
+    if x.size:
+        flat = x.reshape(-1, shape[-1])
+        flat[:, 0], flat[:, -1] = lo, hi
+        flat[rng.random(flat.shape) < 0.1] = lo
+        flat[rng.random(flat.shape) < 0.1] = hi
+    return x.astype(np.int64)
+
+
+def _operands(rng, a_shape, n, dtype):
+    a, b = _ints(rng, a_shape, dtype), _ints(rng, (a_shape[-1], n), dtype)
+    return a, b, jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+
+
+def _exact(y, want):
+    assert y.dtype == jnp.int32 and y.shape == want.shape
+    np.testing.assert_array_equal(np.asarray(y, np.int64), want)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int4])
+@pytest.mark.parametrize("k", [1, 7, 64, 1000, 16384])
+def test_exact_against_int64(dtype, k, rng):
+    a, b, ja, jb = _operands(rng, (3, k), 5, dtype)
+    _exact(jax_lowbit.int_matmul(ja, jb), a @ b)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int4])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_extreme_sums_at_k_16384(dtype, sign):
+    # Every product is the largest of its sign: 16384 * 128 * 128 = 2^28 for int8.
+    lo, hi = RANGES[dtype]
+    a = np.full((2, 16384), lo, np.int64)
+    b = np.full((16384, 3), lo if sign > 0 else hi, np.int64)
+    _exact(jax_lowbit.int_matmul(jnp.asarray(a, dtype), jnp.asarray(b, dtype)), a @ b)
+
+
+@pytest.mark.parametrize("lead", [(), (1,), (5,), (2, 3), (1, 17)])
+@pytest.mark.parametrize("n", [1, 33, 300])  # 300: more than one 256-column panel
+def test_leading_dims_and_widths(lead, n, rng):
+    a, b, ja, jb = _operands(rng, lead + (40,), n, jnp.int8)
+    _exact(jax_lowbit.int_matmul(ja, jb), a @ b)
+
+
+@pytest.mark.parametrize("a_shape, n", [((3, 0), 5), ((0, 4), 5), ((2, 0, 4), 3), ((3, 4), 0)])
+def test_empty_dims(a_shape, n, rng):
+    a, b, ja, jb = _operands(rng, a_shape, n, jnp.int8)
+    _exact(jax_lowbit.int_matmul(ja, jb), a @ b)
+
+
+def test_sums_past_int32_wrap_like_xla_dot():
+    # K = 2^17 + 1024 products of 2^14 overflow int32; both platforms wrap modulo 2^32.
+    k = 2**17 + 1024
+    a, b = jnp.full((1, k), -128, jnp.int8), jnp.full((k, 2), -128, jnp.int8)
+    y = jax_lowbit.int_matmul(a, b)
+    wrapped = np.int64(k * 2**14 - 2**32)
+    np.testing.assert_array_equal(np.asarray(y, np.int64), [[wrapped, wrapped]])
+    xla = jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))
+
+
+# --- scaled products ---------------------------------------------------------
+
+def _scales(rng, a_shape, n, dtype):
+    a_scale = rng.uniform(0.5, 2.0, size=a_shape[:-1] + (1,)) * 1e-3
+    b_scale = rng.uniform(0.5, 2.0, size=(n,)) * 1e-2
+    return (np.asarray(jnp.asarray(a_scale, dtype), np.float64),
+            np.asarray(jnp.asarray(b_scale, dtype), np.float64))
+
+
+TOLERANCE = {jnp.float32: 1e-6, jnp.bfloat16: 2**-8, jnp.float16: 2**-10}
+
+
+@pytest.mark.parametrize("out_dtype", [None, jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("which", ["both", "a", "b"])
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int4])
+def test_scaled_against_float64(out_dtype, which, dtype, rng):
+    a, b, ja, jb = _operands(rng, (2, 3, 200), 24, dtype)
+    a_scale, b_scale = _scales(rng, a.shape, 24, jnp.float32)
+    kwargs = {"out_dtype": out_dtype}
+    want = (a @ b).astype(np.float64)
+    if which in ("both", "a"):
+        kwargs["a_scale"], want = jnp.asarray(a_scale, jnp.float32), want * a_scale
+    if which in ("both", "b"):
+        kwargs["b_scale"], want = jnp.asarray(b_scale, jnp.float32), want * b_scale
+    y = jax_lowbit.int_matmul(ja, jb, **kwargs)
+    expected_dtype = jnp.bfloat16 if out_dtype is None else out_dtype
+    assert y.dtype == jnp.dtype(expected_dtype) and y.shape == want.shape
+    # Rounding to out_dtype: relative, and one subnormal step near 0 (float16).
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=TOLERANCE[expected_dtype],
+                               atol=float(jnp.finfo(expected_dtype).smallest_subnormal))
+
+
+@pytest.mark.parametrize("scale_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_epilogue_is_float32_in_documented_order(scale_dtype, rng):
+    # The documented arithmetic, bit for bit: out((float32(acc) * a_scale) * b_scale).
+    a, b, ja, jb = _operands(rng, (4, 512), 16, jnp.int8)
+    a_scale, b_scale = _scales(rng, a.shape, 16, scale_dtype)
+    y = jax.jit(jax_lowbit.int_matmul, static_argnames="out_dtype")(
+        ja, jb, a_scale=jnp.asarray(a_scale, scale_dtype),
+        b_scale=jnp.asarray(b_scale, scale_dtype), out_dtype=jnp.bfloat16)
+    f32 = (a @ b).astype(np.float32) * a_scale.astype(np.float32) * b_scale.astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(y).view(np.uint16),
+                                  f32.astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
+# --- transforms ----------------------------------------------------------------
+
+def test_jit(rng):
+    a, b, ja, jb = _operands(rng, (6, 96), 10, jnp.int4)
+    _exact(jax.jit(jax_lowbit.int_matmul)(ja, jb), a @ b)
+
+
+@pytest.mark.parametrize("in_axis", [0, 1])
+def test_vmap_over_a_is_one_call(in_axis, rng):
+    a, b, ja, jb = _operands(rng, (4, 3, 64), 12, jnp.int8)
+    a_scale, _ = _scales(rng, (4, 3, 64), 12, jnp.float32)
+    a_scale = jnp.asarray(a_scale, jnp.float32)
+
+    def f(x, s):
+        return jax_lowbit.int_matmul(x, jb, a_scale=s, out_dtype=jnp.float32)
+
+    batched = jax.vmap(f, in_axes=(in_axis, in_axis))
+    y = batched(jnp.moveaxis(ja, 0, in_axis), jnp.moveaxis(a_scale, 0, in_axis))
+    np.testing.assert_allclose(np.asarray(y, np.float64), (a @ b) * np.asarray(a_scale),
+                               rtol=1e-6)
+    jaxpr = jax.make_jaxpr(batched)(jnp.moveaxis(ja, 0, in_axis),
+                                    jnp.moveaxis(a_scale, 0, in_axis))
+    names = [e.primitive.name for e in jaxpr.jaxpr.eqns]
+    assert names.count("jax_lowbit_int_matmul") == 1 and "scan" not in names
+
+
+def test_vmap_over_a_scale_only(rng):
+    a, b, ja, jb = _operands(rng, (3, 64), 8, jnp.int8)
+    scales = rng.uniform(0.5, 2.0, size=(5, 3, 1)).astype(np.float32)
+    y = jax.vmap(lambda s: jax_lowbit.int_matmul(ja, jb, a_scale=s, out_dtype=jnp.float32))(
+        jnp.asarray(scales))
+    np.testing.assert_allclose(np.asarray(y, np.float64), (a @ b)[None] * scales, rtol=1e-6)
+
+
+@pytest.mark.parametrize("a_batched", [True, False])
+def test_vmap_over_b(a_batched, rng):
+    a = _ints(rng, (3, 2, 48) if a_batched else (2, 48), jnp.int4)
+    bs = _ints(rng, (3, 48, 7), jnp.int4)
+    b_scales = rng.uniform(0.5, 2.0, size=(3, 7)).astype(np.float32)
+    y = jax.vmap(lambda x, w, s: jax_lowbit.int_matmul(x, w, b_scale=s, out_dtype=jnp.float32),
+                 in_axes=(0 if a_batched else None, 0, 0))(
+        jnp.asarray(a, jnp.int4), jnp.asarray(bs, jnp.int4), jnp.asarray(b_scales))
+    want = np.stack([(a[i] if a_batched else a) @ bs[i] * b_scales[i] for i in range(3)])
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int4])
+def test_export_roundtrip(dtype, rng):
+    a, b, ja, jb = _operands(rng, (4, 256), 16, dtype)
+    a_scale, b_scale = _scales(rng, a.shape, 16, jnp.float32)
+
+    def f(x, w, s, t):
+        return jax_lowbit.int_matmul(x, w), jax_lowbit.int_matmul(x, w, a_scale=s, b_scale=t)
+
+    args = (ja, jb, jnp.asarray(a_scale, jnp.float32), jnp.asarray(b_scale, jnp.float32))
+    exported = jax.export.export(jax.jit(f), disabled_checks=jax_lowbit.export_disabled_checks())(
+        *args)
+    assert "custom_call @jax_lowbit_int_matmul" in exported.mlir_module()
+    restored = jax.export.deserialize(exported.serialize())
+    exact, scaled = restored.call(*args)
+    _exact(exact, a @ b)
+    np.testing.assert_array_equal(np.asarray(scaled, np.float32),
+                                  np.asarray(f(*args)[1], np.float32))
+
+
+def test_cuda_lowers_to_xla_integer_dot(rng):
+    # Until the fused int8 kernel lands (issue #5), CUDA runs XLA's own s8 x s8 -> s32 dot.
+    _, _, ja, jb = _operands(rng, (4, 256), 16, jnp.int4)
+    exported = jax.export.export(jax.jit(jax_lowbit.int_matmul), platforms=["cuda"])(ja, jb)
+    text = exported.mlir_module()
+    assert "custom_call" not in text
+    assert "stablehlo.dot_general" in text and "tensor<4x256xi8>" in text
+    assert "-> tensor<4x16xi32>" in text
+
+
+# --- differentiation and bad input ---------------------------------------------------
+
+def test_grad_through_scales_is_refused(rng):
+    _, _, ja, jb = _operands(rng, (3, 32), 4, jnp.int8)
+
+    def quantized_product(x):  # dynamic per-row quantization of a float x
+        s = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127
+        q = jnp.round(x / s).astype(jnp.int8)
+        return jnp.sum(jax_lowbit.int_matmul(q, jb, a_scale=s, out_dtype=jnp.float32))
+
+    with pytest.raises(TypeError, match="int_matmul is not differentiable"):
+        jax.grad(quantized_product)(jnp.asarray(rng.normal(size=(3, 32)), jnp.float32))
+    with pytest.raises(TypeError, match="int_matmul is not differentiable"):
+        jax.grad(lambda s: jnp.sum(jax_lowbit.int_matmul(ja, jb, b_scale=s)))(jnp.ones(4))
+    # Constant scales are fine: nothing is differentiated through the product.
+    g = jax.grad(lambda s: jnp.sum(jax_lowbit.int_matmul(
+        ja, jb, b_scale=jax.lax.stop_gradient(s), out_dtype=jnp.float32)))(jnp.ones(4))
+    np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+A = jnp.ones((2, 64), jnp.int8)
+B = jnp.ones((64, 8), jnp.int8)
+
+
+@pytest.mark.parametrize("a, b, error, message", [
+    (A, B.astype(jnp.int4), TypeError, "same dtype .both int8 or both int4.*int8 and b int4"),
+    (A.astype(jnp.int4), B, TypeError, "same dtype"),
+    (A.astype(jnp.float32), B, TypeError, "a must have dtype int8 or int4, got float32"),
+    (A, B.astype(jnp.bfloat16), TypeError, "b must have dtype int8 or int4, got bfloat16"),
+    (A.astype(jnp.int32), B.astype(jnp.int32), TypeError, "a must have dtype int8 or int4"),
+    (A.astype(jnp.uint8), B.astype(jnp.uint8), TypeError, "got uint8"),
+    (jnp.ones((2, 32), jnp.int8), B, ValueError, "last dimension must equal b's K=64"),
+    (A, jnp.ones((64,), jnp.int8), ValueError, "b must be 2-D"),
+    (A, jnp.ones((2, 64, 8), jnp.int8), ValueError, "b must be 2-D"),
+    (jnp.int8(3), B, ValueError, "last dimension"),
+])
+def test_bad_operands(a, b, error, message):
+    with pytest.raises(error, match=message):
+        jax_lowbit.int_matmul(a, b)
+    with pytest.raises(error, match=message):
+        jax.jit(jax_lowbit.int_matmul)(a, b)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"a_scale": jnp.ones((2,))}, ValueError, r"a_scale .one per row of a. must have shape \(2, 1\)"),
+    ({"a_scale": jnp.ones((1, 1))}, ValueError, r"must have shape \(2, 1\), got \(1, 1\)"),
+    ({"a_scale": jnp.ones((2, 1), jnp.int32)}, TypeError, "a_scale .* must have dtype"),
+    ({"b_scale": jnp.ones((1, 8))}, ValueError, r"b_scale .one per column of b. must have shape \(8,\)"),
+    ({"b_scale": jnp.ones((8,), jnp.int16)}, TypeError, "b_scale .* must have dtype"),
+    ({"b_scale": jnp.ones((8,)), "out_dtype": jnp.int8}, TypeError, "out_dtype must have dtype"),
+    ({"out_dtype": jnp.float32}, ValueError, "exact int32 product; out_dtype=float32 needs scales"),
+])
+def test_bad_scales_and_out_dtype(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        jax_lowbit.int_matmul(A, B, **kwargs)
+
+
+def test_out_dtype_int32_without_scales_is_accepted(rng):
+    a, b, ja, jb = _operands(rng, (2, 16), 3, jnp.int8)
+    _exact(jax_lowbit.int_matmul(ja, jb, out_dtype=jnp.int32), a @ b)
