@@ -36,9 +36,19 @@ def _int_matmul_cpu(a, b, *scales, epilogue: IntEpilogue):
     return epilogue.apply(acc.reshape(a.shape[:-1] + (n,)), scales)
 
 
+# XLA's GPU integer dot returned wrong sums at K = 7 on an H100 (jax 0.11.2;
+# right at K = 1, 64, 1000): K is zero-padded to a multiple of this.
+XLA_INT_DOT_K_MULTIPLE = 32
+
+
 def _int_matmul_xla(a, b, *scales, epilogue: IntEpilogue):
     # Pending: a fused CUDA kernel on int8 tensor cores (issue #5) replaces this.
-    acc = jax.lax.dot_general(_as_int8(a), _as_int8(b), (((a.ndim - 1,), (0,)), ((), ())),
+    a, b = _as_int8(a), _as_int8(b)
+    pad = -b.shape[0] % XLA_INT_DOT_K_MULTIPLE
+    if pad:
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
+        b = jnp.pad(b, [(0, pad), (0, 0)])
+    acc = jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())),
                               preferred_element_type=jnp.int32)
     return epilogue.apply(acc, scales)
 

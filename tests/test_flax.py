@@ -158,11 +158,13 @@ def test_linen_quantize_params_and_intercept(rng):
     dequantized = jax.tree.map(lambda a: a, qparams)
     for name in ("Dense_0", "Dense_1"):
         dequantized[name]["kernel"] = qparams[name]["kernel"].dequantize()
-    with jax.default_matmul_precision("highest"):  # no TF32 on a GPU
+    # Highest precision: "middle" stays a float32 Dense, which a GPU would
+    # otherwise run in TF32.
+    with jax.default_matmul_precision("highest"):
         want = model.apply({"params": dequantized}, x)
-    with lowbit_linen.quantized_dense():
-        eager = model.apply({"params": qparams}, x)
-        jitted = jax.jit(lambda p, a: model.apply({"params": p}, a))(qparams, x)
+        with lowbit_linen.quantized_dense():
+            eager = model.apply({"params": qparams}, x)
+            jitted = jax.jit(lambda p, a: model.apply({"params": p}, a))(qparams, x)
     np.testing.assert_allclose(np.asarray(eager), np.asarray(want), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(want), rtol=1e-5, atol=1e-4)
 
