@@ -1,0 +1,80 @@
+// Pieces of the tensor-core GEMM kernels that turn packed codes into MMA
+// fragments: the m16n8k16 instruction per activation type, the magic-number
+// conversion of a code pair, and the streaming load of the code words.
+#ifndef JAX_LOWBIT_CUDA_MMA_FRAGMENTS_CUH_
+#define JAX_LOWBIT_CUDA_MMA_FRAGMENTS_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace jax_lowbit {
+
+// The two activation types differ only in their magic number and the type
+// names in the MMA instruction.
+#define JAX_LOWBIT_MMA_M16N8K16(TYPE)                                                  \
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4],     \
+                                             uint32_t b0, uint32_t b1) {                \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                 \
+                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"         \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                       \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));       \
+  }
+
+template <typename T>
+struct Activation;
+
+template <>
+struct Activation<__nv_bfloat16> {
+  using Pair = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x4300;  // bf16 128.0: one mantissa ulp is 1
+  JAX_LOWBIT_MMA_M16N8K16("bf16")
+};
+
+template <>
+struct Activation<__half> {
+  using Pair = __half2;
+  static constexpr uint32_t kMagic = 0x6400;  // fp16 1024.0: one mantissa ulp is 1
+  JAX_LOWBIT_MMA_M16N8K16("f16")
+};
+
+#undef JAX_LOWBIT_MMA_M16N8K16
+
+template <typename Pair>
+__device__ __forceinline__ Pair as_pair(uint32_t bits) {
+  return *reinterpret_cast<Pair*>(&bits);
+}
+template <typename Pair>
+__device__ __forceinline__ uint32_t as_bits(Pair v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// A 16-bit lane of a 32-bit word, copied to both lanes.
+__device__ __forceinline__ uint32_t broadcast_low(uint32_t v) { return __byte_perm(v, 0, 0x1010); }
+__device__ __forceinline__ uint32_t broadcast_high(uint32_t v) { return __byte_perm(v, 0, 0x3232); }
+
+// Streaming load: weights are read once, so they should not evict x from L2.
+__device__ __forceinline__ uint4 load_streaming(const uint4* p) { return __ldcs(p); }
+
+template <typename T, int kBits, bool kSymmetric>
+struct Dequantizer {
+  using Pair = typename Activation<T>::Pair;
+  static constexpr uint32_t kMask = ((1u << kBits) - 1u) * 0x00010001u;
+  static constexpr uint32_t kMagic2 = Activation<T>::kMagic * 0x00010001u;
+  // magic (+ 2^(bits-1) for the signed grid) in both lanes: subtracting it is exact.
+  static constexpr uint32_t kBias2 =
+      (Activation<T>::kMagic + (kSymmetric ? (1u << (kBits - 1)) : 0u)) * 0x00010001u;
+
+  // Weights of code pair `pair` (rows 2*pair, 2*pair + 1) of `word`.
+  static __device__ __forceinline__ uint32_t pair(uint32_t word, int pair_index, Pair scale,
+                                                  Pair offset) {
+    const uint32_t lanes = ((word >> (pair_index * kBits)) & kMask) | kMagic2;
+    const Pair codes = __hsub2(as_pair<Pair>(lanes), as_pair<Pair>(kBias2));
+    return as_bits(kSymmetric ? __hmul2(codes, scale) : __hfma2(codes, scale, offset));
+  }
+};
+
+}  // namespace jax_lowbit
+
+#endif  // JAX_LOWBIT_CUDA_MMA_FRAGMENTS_CUH_
