@@ -63,7 +63,7 @@ def _dequantize_cuda(*weight, fmt: WeightFormat, dtype):
     return _dequantize_call(weight, fmt, dtype)
 
 
-SMALL_M_MAX_ROWS = 32
+SMALL_M_MAX_ROWS = 64
 
 
 def uses_small_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> bool:

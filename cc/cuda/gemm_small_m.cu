@@ -30,7 +30,8 @@
 //  * Deterministic reduction: each warp writes its partial sums to shared
 //    memory and the CTA adds them in warp order, one M tile at a time.
 // Requires N % 4 == 0 and K % (4 * P) == 0 (the dispatcher checks; other
-// shapes take the dequantize + dot path), M <= 32.
+// shapes take the dequantize + dot path), M <= 32. The handler at the end
+// sends 33 to 64 rows to the mid-M kernel (gemm_mid_m.cu).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -39,6 +40,7 @@
 #include <string>
 
 #include "cuda/convert.cuh"
+#include "cuda/gemm_args.h"
 #include "cuda/handlers.h"
 #include "cuda/mma_fragments.cuh"
 #include "format.h"
@@ -53,17 +55,10 @@ constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
 constexpr int kColumns = 32;  // output columns per CTA
 
-constexpr int kMaxRows = 32;
+constexpr int kSmallMMaxRows = 32;  // this file's kernel
+constexpr int kMaxRows = 64;        // with the mid-M kernel (gemm_mid_m.cu)
 
-struct GemmArgs {
-  const void* x;
-  const uint32_t* codes;
-  const void* scales;
-  const void* offsets;
-  void* y;
-  int m, k, n, bits;
-  int group_shift;  // row k is in scale group k >> group_shift
-};
+
 
 // Up to 16 rows two CTAs share an SM, so one CTA's dequantize, MMAs and
 // reduction overlap the other's loads (with one, every SM idled its DRAM
@@ -240,7 +235,7 @@ ffi::Error gemm_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
   if (x_dims[0] > kMaxRows || w.n % 4 != 0 || w.k % (4 * per_word) != 0 ||
       w.k > INT32_MAX / 2 || w.n > INT32_MAX / 2) {
     return ffi::Error::InvalidArgument(
-        "gemm: needs M <= 32, N % 4 == 0 and K % (4 * codes per word) == 0");
+        "gemm: needs M <= 64, N % 4 == 0 and K % (4 * codes per word) == 0");
   }
   // Groups are powers of two; one group spanning K has every row in group 0.
   int group_shift = 31;
@@ -250,14 +245,22 @@ ffi::Error gemm_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
     if ((int64_t{1} << group_shift) != w.group_rows) {
       return ffi::Error::InvalidArgument("gemm: group size must be a power of two");
     }
+    if (w.group_rows < 32) {
+      return ffi::Error::InvalidArgument("gemm: groups must have at least 32 rows");
+    }
   }
   if (x_dims[0] == 0 || w.n == 0) return ffi::Error::Success();
   const GemmArgs args{x.untyped_data(), codes.typed_data(), scales.untyped_data(),
                       offsets.untyped_data(), y->untyped_data(), static_cast<int>(x_dims[0]),
                       static_cast<int>(w.k), static_cast<int>(w.n), w.bits, group_shift};
-  const cudaError_t err = dtype == ffi::BF16
-                              ? dispatch_bits<__nv_bfloat16>(args, symmetric, stream)
-                              : dispatch_bits<__half>(args, symmetric, stream);
+  cudaError_t err;
+  if (args.m > kSmallMMaxRows) {
+    err = dtype == ffi::BF16 ? launch_gemm_mid_m<__nv_bfloat16>(args, symmetric, stream)
+                             : launch_gemm_mid_m<__half>(args, symmetric, stream);
+  } else {
+    err = dtype == ffi::BF16 ? dispatch_bits<__nv_bfloat16>(args, symmetric, stream)
+                             : dispatch_bits<__half>(args, symmetric, stream);
+  }
   if (err != cudaSuccess) {
     return ffi::Error::Internal(std::string("gemm kernel launch failed: ") +
                                 cudaGetErrorString(err));
