@@ -314,6 +314,25 @@ __global__ void __launch_bounds__(MidConfig<kBits, kMTiles>::kThreads, 1)
 
 constexpr int kMaxDevices = 64;
 
+// A launch of `grid`, whose gridDim.y CTAs along K form one cluster.
+struct ClusterLaunch {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute cluster = {};
+  ClusterLaunch(dim3 grid, int threads, int shared_bytes, cudaStream_t stream) {
+    config.gridDim = grid;
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = shared_bytes;
+    config.stream = stream;
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 1;
+    cluster.val.clusterDim.y = grid.y;
+    cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = grid.y > 1 ? 1 : 0;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;  // config points at cluster
+};
+
 // How many CTAs of `kernel` run at once with clusters of `splits` CTAs, per
 // device (clusters must fit in one GPC, so this is below the SM count).
 // Cached: the occupancy query is not free and the answer never changes.
@@ -323,19 +342,9 @@ int concurrent_ctas(Kernel kernel, int device, int splits, int threads, int shar
   if (device < 0 || device >= kMaxDevices) return 0;
   int known = cache[device][splits].load(std::memory_order_relaxed);
   if (known != 0) return known;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(1, splits);
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = shared_bytes;
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 1;
-  cluster.val.clusterDim.y = splits;
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
+  const ClusterLaunch launch(dim3(1, splits), threads, shared_bytes, nullptr);
   int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) != cudaSuccess) {
     cudaGetLastError();  // clear it: this split is simply not used
     clusters = 0;
   }
@@ -395,19 +404,8 @@ cudaError_t launch(const GemmArgs& args, cudaStream_t stream) {
                             static_cast<const T*>(args.scales),
                             static_cast<const T*>(args.offsets), static_cast<T*>(args.y),
                             args.m, args.k, args.n, groups, group_shift};
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(column_ctas, splits);
-  config.blockDim = dim3(L::kThreads);
-  config.dynamicSmemBytes = L::kSharedBytes;
-  config.stream = stream;
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 1;
-  cluster.val.clusterDim.y = splits;
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = splits > 1 ? 1 : 0;
-  err = cudaLaunchKernelEx(&config, kernel, params);
+  const ClusterLaunch launch(dim3(column_ctas, splits), L::kThreads, L::kSharedBytes, stream);
+  err = cudaLaunchKernelEx(&launch.config, kernel, params);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
