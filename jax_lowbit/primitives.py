@@ -15,7 +15,7 @@ from jax import core as jax_core
 from jax.extend import core
 from jax.interpreters import ad, batching
 
-from jax_lowbit import validation
+from jax_lowbit import partitioning, validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,8 @@ def _check_weight(weight_avals, fmt: WeightFormat) -> None:
 def _dequantize_abstract_eval(*weight, fmt: WeightFormat, dtype):
     _check_weight(weight, fmt)
     validation.check_float_dtype("dequantize dtype", dtype)
-    return jax_core.ShapedArray(fmt.shape, dtype)
+    return jax_core.ShapedArray(fmt.shape, dtype,
+                                sharding=partitioning.dequantize_result_sharding(weight[0]))
 
 
 def _matmul_abstract_eval(x, *weight, fmt: WeightFormat):
@@ -62,7 +63,8 @@ def _matmul_abstract_eval(x, *weight, fmt: WeightFormat):
         raise ValueError(
             f"matmul: x has shape {tuple(x.shape)}, its last dimension must equal the "
             f"weight's K={k}")
-    return jax_core.ShapedArray(x.shape[:-1] + (n,), x.dtype)
+    return jax_core.ShapedArray(x.shape[:-1] + (n,), x.dtype,
+                                sharding=partitioning.product_result_sharding(x, weight[0]))
 
 
 dequantize_p.def_abstract_eval(_dequantize_abstract_eval)
