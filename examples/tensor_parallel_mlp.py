@@ -31,11 +31,11 @@ COLUMN, ROW = (None, "model"), ("model", None)  # kernel (K, N) sharding names
 class GatedMLP(nnx.Module):
     """``down(silu(gate(x)) * up(x))``, as in Llama's feed-forward block."""
 
-    def __init__(self, embed: int, hidden: int, rngs: nnx.Rngs):
+    def __init__(self, embed: int, hidden: int, rngs: nnx.Rngs, dtype=jnp.float32):
         init = nnx.initializers.lecun_normal()
 
         def linear(k, n, names):
-            return nnx.Linear(k, n, use_bias=False, rngs=rngs,
+            return nnx.Linear(k, n, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs,
                               kernel_init=nnx.with_partitioning(init, names))
 
         self.gate = linear(embed, hidden, COLUMN)
@@ -52,10 +52,12 @@ def make_mesh(devices, data: int = 1) -> jax.sharding.Mesh:
                          axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
-def build(mesh, embed: int, hidden: int, bits: int = 4, group_size: int = 128, seed: int = 0):
-    """(float model, quantized model), both placed on ``mesh`` by their annotations."""
+def build(mesh, embed: int, hidden: int, bits: int = 4, group_size: int = 128, seed: int = 0,
+          dtype=jnp.float32):
+    """(float model, quantized model) computing in ``dtype``, both placed on ``mesh``
+    by their annotations."""
     with jax.set_mesh(mesh):
-        model = GatedMLP(embed, hidden, nnx.Rngs(seed))
+        model = GatedMLP(embed, hidden, nnx.Rngs(seed), dtype)
         quantized = quantize_model(nnx.clone(model), bits=bits, group_size=group_size,
                                    verbose=False)
     return model, quantized
