@@ -75,9 +75,13 @@ def dim_axes(arg) -> list[Axes]:
     return _spec_axes(sharding.spec, arg.ndim)
 
 
+def _entries(dims: list[Axes]) -> list:
+    """PartitionSpec entries for the mesh axes of each dim."""
+    return [None if not a else a[0] if len(a) == 1 else tuple(a) for a in dims]
+
+
 def _named(mesh, dims: list[Axes]) -> NamedSharding:
-    entries = (None if not a else a[0] if len(a) == 1 else tuple(a) for a in dims)
-    return NamedSharding(mesh, PartitionSpec(*entries))
+    return NamedSharding(mesh, PartitionSpec(*_entries(dims)))
 
 
 def shard_count(mesh, axes: Axes) -> int:
@@ -102,6 +106,32 @@ def batch_factors(rank: int) -> str:
 def psum_over(y, axes: Axes):
     """Adds the partial products of the devices along ``axes`` (none: ``y``)."""
     return jax.lax.psum(y, axes) if axes else y
+
+
+def explicit_sharding(aval) -> NamedSharding | None:
+    """``aval``'s sharding if its mesh has Explicit axes (then it is part of the
+    type), else None."""
+    return aval.sharding if aval.sharding.mesh.explicit_axes else None
+
+
+def transposed_product(product, cotangent, w, x_aval):
+    """``product(cotangent, w)``, the (..., K) cotangent of matmul's x from the
+    dequantized (K, N) weight ``w``, typed like x on Explicit mesh axes.
+
+    It is computed where w lies and only the result is resharded to x's type:
+    left to propagation, x's type would reach back and gather w.
+    """
+    sharding = explicit_sharding(x_aval)
+    if sharding is None:
+        return product(cotangent, w)
+    k_axes, _ = _spec_axes(jax.typeof(w).sharding.spec, 2)
+    cotangent_dims = _spec_axes(jax.typeof(cotangent).sharding.spec, cotangent.ndim)
+    where_w_lies = PartitionSpec(*_entries(batch_axes(cotangent_dims, k_axes) + [k_axes]))
+
+    def pinned(cotangent, w):
+        return jax.lax.with_sharding_constraint(product(cotangent, w), where_w_lies)
+
+    return jax.sharding.auto_axes(pinned, out_sharding=sharding)(cotangent, w)
 
 
 def result_sharding(avals, dims_of) -> NamedSharding | None:

@@ -8,6 +8,7 @@ and differentiation; lowering.py holds the platform lowerings.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -167,7 +168,8 @@ def _matmul_transpose(cotangent, x, *weight, fmt):
     if type(cotangent) is ad.Zero:
         return (None,) + (None,) * len(weight)
     w = dequantize_p.bind(*weight, fmt=fmt, dtype=cotangent.dtype)
-    x_bar = contract("...n,kn->...k", cotangent, w).astype(x.aval.dtype)
+    x_bar = partitioning.transposed_product(functools.partial(contract, "...n,kn->...k"),
+                                            cotangent, w, x.aval).astype(x.aval.dtype)
     return (x_bar,) + (None,) * len(weight)
 
 

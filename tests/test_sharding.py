@@ -206,10 +206,17 @@ def test_explicit_mesh_types_and_mlp(rng):
     # The hidden activations' type is split like the up projection's columns.
     assert hidden_types[0].sharding.spec == P("data", "model")
     assert jax.typeof(y).sharding.spec == P("data", None)
-    want = np.maximum(np.asarray(x, np.float64) @ spec_reference.dequantize_weight(up), 0)
-    np.testing.assert_allclose(np.asarray(y), want @ spec_reference.dequantize_weight(down),
-                               rtol=1e-4, atol=1e-3)
+    u, d = spec_reference.dequantize_weight(up), spec_reference.dequantize_weight(down)
+    h = np.asarray(x, np.float64) @ u
+    np.testing.assert_allclose(np.asarray(y), np.maximum(h, 0) @ d, rtol=1e-4, atol=1e-3)
     assert collectives(compiled_text(fn, *args)) == ["all-reduce"]
+    # The backward products run where the weights lie too; x's gradient has x's type.
+    grad = jax.jit(jax.grad(lambda *args: jnp.sum(mlp(*args) ** 2)))
+    g = grad(*args)
+    assert jax.typeof(g).sharding.spec == P("data", None)
+    want = ((2 * np.maximum(h, 0) @ d) @ d.T * (h > 0)) @ u.T
+    np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert "all-gather" not in collectives(compiled_text(grad, *args))
 
 
 def test_partial_sums(mesh, rng):
