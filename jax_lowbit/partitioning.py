@@ -1,4 +1,6 @@
-"""SPMD partitioning of the packed-weight primitives (matmul, dequantize).
+"""SPMD partitioning: the lowering that lets XLA partition a primitive, and the
+rules of the packed-weight primitives, matmul and dequantize (int_matmul's are
+in int_partitioning.py).
 
 An FFI custom call is opaque to XLA's partitioner: on sharded operands it
 would all-gather them and run the whole product on every device. Each
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 from jax._src import dispatch
@@ -32,6 +35,9 @@ from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jax_lowbit import formats
+
+if TYPE_CHECKING:
+    from jax_lowbit.primitives import WeightFormat  # primitives.py imports this module
 
 Axes = tuple  # the mesh axis names that split one array dimension, major first
 
@@ -153,10 +159,10 @@ class PackedSplit:
 
     k: Axes
     n: Axes
-    local: object  # the WeightFormat of one device's block
+    local: WeightFormat  # the format of one device's block
 
     @classmethod
-    def of(cls, fmt, mesh, codes) -> "PackedSplit":
+    def of(cls, fmt: WeightFormat, mesh, codes) -> "PackedSplit":
         k_axes, n_axes = dim_axes(codes)
         k_shards, n_shards = shard_count(mesh, k_axes), shard_count(mesh, n_axes)
         k, n = fmt.shape
