@@ -25,6 +25,11 @@ def _axes(axis) -> tuple:
     return (axis,) if isinstance(axis, str) else tuple(axis)
 
 
+def _check_weight(qw, caller: str) -> None:
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"{caller}: expected a QuantizedWeight, got {type(qw).__name__}")
+
+
 def weight_specs(qw: QuantizedWeight, axis, mode: str) -> QuantizedWeight:
     """The PartitionSpecs of ``qw``'s arrays for column- or row-parallel use.
 
@@ -39,8 +44,9 @@ def weight_specs(qw: QuantizedWeight, axis, mode: str) -> QuantizedWeight:
       offsets): usable as ``jax.jit`` in/out shardings with a mesh, or to
       build NamedShardings.
     """
+    _check_weight(qw, "weight_specs")
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"weight_specs: mode must be one of {MODES}, got {mode!r}")
     entry = axis if isinstance(axis, str) else tuple(axis)
     if mode == "column":
         codes = scales = PartitionSpec(None, entry)
@@ -58,8 +64,7 @@ def shard_weight(qw: QuantizedWeight, mesh, axis, mode: str) -> QuantizedWeight:
     Raises ValueError if the split would cut a group or a packed word (row) or
     split N unevenly (column), naming the sizes involved.
     """
-    if not isinstance(qw, QuantizedWeight):
-        raise TypeError(f"shard_weight: expected a QuantizedWeight, got {type(qw).__name__}")
+    _check_weight(qw, "shard_weight")
     unknown = [a for a in _axes(axis) if a not in mesh.axis_names]
     if unknown:
         raise ValueError(f"shard_weight: {unknown} not among the mesh axes {mesh.axis_names}")
@@ -95,9 +100,7 @@ def matmul_partial_sums(x, qw: QuantizedWeight, k_blocks: int) -> jax.Array:
       dequantized and multiplied by XLA's dot (on CUDA, not the fused small-M
       kernel).
     """
-    if not isinstance(qw, QuantizedWeight):
-        raise TypeError(
-            f"matmul_partial_sums: expected a QuantizedWeight, got {type(qw).__name__}")
+    _check_weight(qw, "matmul_partial_sums")
     k, n = qw.shape
     x = jnp.asarray(x)
     if x.ndim < 1 or x.shape[-1] != k:
