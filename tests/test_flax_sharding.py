@@ -1,5 +1,5 @@
-"""Sharding annotations on the Flax layers, and the tensor-parallel MLP example,
-on 8 emulated CPU devices (conftest.py)."""
+"""Sharding annotations on the Flax layers (NNX and Linen), and the
+tensor-parallel MLP example, on 8 emulated CPU devices (conftest.py)."""
 
 import importlib.util
 import pathlib
@@ -12,9 +12,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 pytest.importorskip("flax")
+from flax import linen as nn  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jax_lowbit.flax import QuantLinear  # noqa: E402
+from jax_lowbit.flax import linen as lowbit_linen  # noqa: E402
 
 import spec_reference  # noqa: E402
 from hlo import collectives, compiled_text  # noqa: E402
@@ -74,6 +76,39 @@ def test_linear_general_annotations_follow_the_reshape(mesh):
         layer = QuantLinear.from_module(general, bits=4, group_size=64)
     assert _out_sharding(layer.codes) == (None, "model")
     assert _out_sharding(layer.bias) == ("model",)
+
+
+def test_linen_partitioned_params(mesh, rng):
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            def dense(features, names, name):
+                return nn.Dense(features, name=name, kernel_init=nn.with_partitioning(
+                    nn.initializers.lecun_normal(), names))
+            h = nn.relu(dense(512, (None, "model"), "up")(x))
+            return dense(256, ("model", None), "down")(h)
+
+    model = Block()
+    x = jnp.asarray(rng.normal(size=(8, 256)), jnp.float32)
+    params = model.init(jax.random.key(int(rng.integers(1 << 30))), x)["params"]
+    qparams = lowbit_linen.quantize_params(params, bits=4, group_size=64)
+    # The boxes' names reach the packed arrays; place them by their specs.
+    specs = nn.get_partition_spec(qparams)
+    assert specs["up"]["kernel"].codes == P(None, "model")
+    assert specs["down"]["kernel"].scales == P("model", None)
+    placed = jax.device_put(nn.meta.unbox(qparams),
+                            jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs))
+    with lowbit_linen.quantized_dense():
+        forward = jax.jit(lambda params, x: model.apply({"params": params}, x))
+        xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+        y = forward(placed, xs)
+        text = compiled_text(forward, placed, xs)
+    up, down = (spec_reference.dequantize_weight(nn.meta.unbox(qparams[name]["kernel"]))
+                for name in ("up", "down"))
+    h = np.maximum(np.asarray(x, np.float64) @ up + np.asarray(placed["up"]["bias"]), 0)
+    want = h @ down + np.asarray(placed["down"]["bias"])
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-4)
+    assert collectives(text) == ["all-reduce"]
 
 
 def test_tensor_parallel_example():

@@ -53,9 +53,15 @@ def bias_1d(metadata, ndim: int) -> dict:
     return _map_out_sharding(metadata, ndim, lambda names: (_merged(names),))
 
 
+def single_group_names(names: tuple) -> tuple:
+    """Scale (1, N) names for a kernel's (K, N) names, group_size -1: one row,
+    which no K split cuts."""
+    return (None, names[1])
+
+
 def single_group(metadata) -> dict:
-    """Scale (1, N) annotations for group_size -1: one row, which no K split cuts."""
-    return _map_out_sharding(metadata, 2, lambda names: (None, names[1]))
+    """Scale (1, N) annotations for group_size -1 (``single_group_names``)."""
+    return _map_out_sharding(metadata, 2, single_group_names)
 
 
 def dense_metadata(module) -> dict:
