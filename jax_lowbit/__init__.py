@@ -10,6 +10,7 @@ from jax_lowbit.int_ops import int_matmul
 from jax_lowbit.ops import dequantize, matmul
 from jax_lowbit.quantize import quantize
 from jax_lowbit.quantized_weight import QuantizedWeight
+from jax_lowbit.sharding import matmul_partial_sums, shard_weight, weight_specs
 
 
 def export_disabled_checks():
@@ -35,6 +36,9 @@ __all__ = [
     "load_gptq",
     "load_hqq",
     "matmul",
+    "matmul_partial_sums",
     "quantize",
+    "shard_weight",
+    "weight_specs",
 ]
 __version__ = "0.1.0"

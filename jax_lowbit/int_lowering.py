@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.interpreters import mlir
 
+from jax_lowbit import int_partitioning, partitioning
 from jax_lowbit.int_primitives import IntEpilogue, int_matmul_p
 
 
@@ -53,7 +54,12 @@ def _int_matmul_xla(a, b, *scales, epilogue: IntEpilogue):
     return epilogue.apply(acc, scales)
 
 
-mlir.register_lowering(int_matmul_p, mlir.lower_fun(_int_matmul_cpu, multiple_results=False),
-                       platform="cpu")
-mlir.register_lowering(int_matmul_p, mlir.lower_fun(_int_matmul_xla, multiple_results=False),
-                       platform="cuda")
+def _register(fn, platform: str) -> None:
+    # Sharded operands run where they lie (int_partitioning.py).
+    lowering = partitioning.partitioned_lowering(int_matmul_p, fn, int_partitioning.plan,
+                                                 int_partitioning.rule)
+    mlir.register_lowering(int_matmul_p, lowering, platform=platform)
+
+
+_register(_int_matmul_cpu, "cpu")
+_register(_int_matmul_xla, "cuda")

@@ -17,7 +17,7 @@ from jax import core as jax_core
 from jax.extend import core
 from jax.interpreters import ad, batching
 
-from jax_lowbit import validation
+from jax_lowbit import partitioning, validation
 from jax_lowbit.primitives import _batch_axis
 
 INT_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.int4))
@@ -105,7 +105,8 @@ def _int_matmul_abstract_eval(a, b, *scales, epilogue: IntEpilogue):
     if b_scale is not None:
         _check_scale("b_scale (one per column of b)", b_scale, (b.shape[1],))
     _check_out_dtype(epilogue)
-    return jax_core.ShapedArray(tuple(a.shape[:-1]) + (b.shape[1],), epilogue.out_dtype)
+    return jax_core.ShapedArray(tuple(a.shape[:-1]) + (b.shape[1],), epilogue.out_dtype,
+                                sharding=partitioning.product_result_sharding(a, b))
 
 
 int_matmul_p.def_abstract_eval(_int_matmul_abstract_eval)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import mlir
 
-from jax_lowbit import _extension, formats
+from jax_lowbit import _extension, formats, partitioning
 from jax_lowbit.primitives import WeightFormat, contract, dequantize_p, matmul_p
 
 
@@ -99,9 +99,14 @@ def _matmul_cuda(x, *weight, fmt: WeightFormat):
     return y.reshape(x.shape[:-1] + (n,))
 
 
+_PARTITIONING = {dequantize_p: (partitioning.dequantize_plan, partitioning.dequantize_rule),
+                 matmul_p: (partitioning.matmul_plan, partitioning.matmul_rule)}
+
+
 def _register(primitive, fn, platform: str) -> None:
-    mlir.register_lowering(primitive, mlir.lower_fun(fn, multiple_results=False),
-                           platform=platform)
+    # Sharded operands run where they lie (partitioning.py).
+    lowering = partitioning.partitioned_lowering(primitive, fn, *_PARTITIONING[primitive])
+    mlir.register_lowering(primitive, lowering, platform=platform)
 
 
 _register(dequantize_p, _dequantize_cpu, "cpu")

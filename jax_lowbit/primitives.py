@@ -8,6 +8,7 @@ and differentiation; lowering.py holds the platform lowerings.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from jax import core as jax_core
 from jax.extend import core
 from jax.interpreters import ad, batching
 
-from jax_lowbit import validation
+from jax_lowbit import partitioning, validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,8 @@ def _check_weight(weight_avals, fmt: WeightFormat) -> None:
 def _dequantize_abstract_eval(*weight, fmt: WeightFormat, dtype):
     _check_weight(weight, fmt)
     validation.check_float_dtype("dequantize dtype", dtype)
-    return jax_core.ShapedArray(fmt.shape, dtype)
+    return jax_core.ShapedArray(fmt.shape, dtype,
+                                sharding=partitioning.dequantize_result_sharding(weight[0]))
 
 
 def _matmul_abstract_eval(x, *weight, fmt: WeightFormat):
@@ -62,7 +64,8 @@ def _matmul_abstract_eval(x, *weight, fmt: WeightFormat):
         raise ValueError(
             f"matmul: x has shape {tuple(x.shape)}, its last dimension must equal the "
             f"weight's K={k}")
-    return jax_core.ShapedArray(x.shape[:-1] + (n,), x.dtype)
+    return jax_core.ShapedArray(x.shape[:-1] + (n,), x.dtype,
+                                sharding=partitioning.product_result_sharding(x, weight[0]))
 
 
 dequantize_p.def_abstract_eval(_dequantize_abstract_eval)
@@ -165,7 +168,8 @@ def _matmul_transpose(cotangent, x, *weight, fmt):
     if type(cotangent) is ad.Zero:
         return (None,) + (None,) * len(weight)
     w = dequantize_p.bind(*weight, fmt=fmt, dtype=cotangent.dtype)
-    x_bar = contract("...n,kn->...k", cotangent, w).astype(x.aval.dtype)
+    x_bar = partitioning.transposed_product(functools.partial(contract, "...n,kn->...k"),
+                                            cotangent, w, x.aval).astype(x.aval.dtype)
     return (x_bar,) + (None,) * len(weight)
 
 

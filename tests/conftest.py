@@ -4,6 +4,14 @@ import jax
 import numpy as np
 import pytest
 
+# test_sharding.py needs several devices: 8 emulated CPU devices, which leave
+# the other tests (on the default device) as they were. This must happen before
+# JAX starts its backends; if something started them first, those tests skip.
+try:
+    jax.config.update("jax_num_cpu_devices", 8)
+except RuntimeError:
+    pass
+
 
 def pytest_collection_modifyitems(config, items):
     if jax.default_backend() == "gpu":

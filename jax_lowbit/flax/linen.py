@@ -16,13 +16,29 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 import jax_lowbit
+from jax_lowbit.flax import partition_metadata
 from jax_lowbit.quantized_weight import QuantizedWeight
 from jax_lowbit.validation import check_format_options, k_misfit
 
 
 def _is_dense_params(node) -> bool:
-    return (isinstance(node, dict) and "kernel" in node and hasattr(node["kernel"], "ndim")
-            and node["kernel"].ndim == 2 and set(node) <= {"kernel", "bias"})
+    if not isinstance(node, dict) or "kernel" not in node or not set(node) <= {"kernel", "bias"}:
+        return False
+    kernel = nn.meta.unbox(node["kernel"])
+    return hasattr(kernel, "ndim") and kernel.ndim == 2
+
+
+def _boxed_like(qw: QuantizedWeight, box) -> QuantizedWeight:
+    """``qw`` with its arrays in boxes like the kernel's (``nn.with_partitioning``):
+    the kernel's (K, N) names on the codes, scales and offsets."""
+    if not isinstance(box, nn.Partitioned):
+        return qw
+    scales = (box.replace(names=partition_metadata.single_group_names(box.names))
+              if qw.group_size == -1 else box)
+    return QuantizedWeight(
+        box.replace_boxed(qw.codes), scales.replace_boxed(qw.scales),
+        None if qw.offsets is None else scales.replace_boxed(qw.offsets),
+        qw.shape, qw.bits, qw.group_size, qw.symmetric)
 
 
 def quantize_params(params, *, bits: int, group_size: int = 128, symmetric: bool = True,
@@ -31,7 +47,9 @@ def quantize_params(params, *, bits: int, group_size: int = 128, symmetric: bool
 
     ``where``: None for all, a regex searched in the "/"-joined params path
     (e.g. "Dense_0"), or a predicate on that path. Kernels whose K does not fit
-    the format stay float. Returns a new params tree.
+    the format stay float. A kernel boxed by ``nn.with_partitioning`` gives its
+    names to the packed arrays (``nn.get_partition_spec`` reads them). Returns a
+    new params tree.
     """
     check_format_options(bits, group_size, quantize_kwargs.get("scale_dtype", "bfloat16"))
     pattern = re.compile(where) if isinstance(where, str) else None
@@ -45,11 +63,12 @@ def quantize_params(params, *, bits: int, group_size: int = 128, symmetric: bool
         if not isinstance(node, dict):
             return node
         if _is_dense_params(node) and selected(path):
-            if k_misfit(node["kernel"].shape[0], bits, group_size):
+            kernel = nn.meta.unbox(node["kernel"])
+            if k_misfit(kernel.shape[0], bits, group_size):
                 return dict(node)
-            kernel = jax_lowbit.quantize(node["kernel"], bits, group_size,
-                                         symmetric=symmetric, **quantize_kwargs)
-            return {**node, "kernel": kernel}
+            qw = jax_lowbit.quantize(kernel, bits, group_size, symmetric=symmetric,
+                                     **quantize_kwargs)
+            return {**node, "kernel": _boxed_like(qw, node["kernel"])}
         return {key: walk(child, f"{path}/{key}" if path else str(key))
                 for key, child in node.items()}
 
@@ -60,14 +79,14 @@ def _dense_interceptor(next_fun, args, kwargs, context):
     module = context.module
     if not isinstance(module, nn.Dense) or context.method_name != "__call__":
         return next_fun(*args, **kwargs)
-    kernel = module.get_variable("params", "kernel")
+    kernel = nn.meta.unbox(module.get_variable("params", "kernel"))
     if not isinstance(kernel, QuantizedWeight):
         return next_fun(*args, **kwargs)
     (x,) = args
     dtype = module.dtype if module.dtype is not None else jnp.asarray(x).dtype
     y = jax_lowbit.matmul(jnp.asarray(x, dtype), kernel)
     if module.use_bias:
-        y = y + module.get_variable("params", "bias").astype(y.dtype)
+        y = y + nn.meta.unbox(module.get_variable("params", "bias")).astype(y.dtype)
     return y
 
 

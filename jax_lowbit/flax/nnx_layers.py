@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 import jax_lowbit
+from jax_lowbit.flax import partition_metadata
 from jax_lowbit.quantized_weight import QuantizedWeight
 from jax_lowbit.validation import check_float_dtype
 
@@ -30,10 +33,15 @@ class QuantLinear(nnx.Module):
     kept in its own dtype and added in the computation dtype.
     ``input_permutation`` (from ``jax_lowbit.load_gptq`` with act-order)
     reorders the input features first: ``y = x[..., permutation] @ W + b``.
+    ``kernel_metadata`` and ``bias_metadata`` are nnx.Linear's (e.g.
+    ``{"out_sharding": ("embed", "mlp")}``, as ``nnx.with_partitioning`` sets):
+    the kernel's names for its (K, N) dims go to the codes, scales and offsets,
+    which split along K and N like the kernel (docs/sharding.md).
     """
 
     def __init__(self, weight: QuantizedWeight, bias=None, *, dtype=None, output_shape=None,
-                 input_permutation=None):
+                 input_permutation=None, kernel_metadata: Mapping = MappingProxyType({}),
+                 bias_metadata: Mapping = MappingProxyType({})):
         if not isinstance(weight, QuantizedWeight):
             raise TypeError(f"QuantLinear: expected a QuantizedWeight, got {type(weight).__name__}")
         if dtype is not None:
@@ -42,13 +50,16 @@ class QuantLinear(nnx.Module):
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"QuantLinear: bias must have shape ({self.out_features},), "
                              f"got {tuple(bias.shape)}")
-        self.codes = QuantizedArray(weight.codes)
-        self.scales = QuantizedArray(weight.scales)
-        self.offsets = None if weight.offsets is None else QuantizedArray(weight.offsets)
+        self.codes = QuantizedArray(weight.codes, **kernel_metadata)
+        scale_metadata = (partition_metadata.single_group(kernel_metadata)
+                          if weight.group_size == -1 else kernel_metadata)
+        self.scales = QuantizedArray(weight.scales, **scale_metadata)
+        self.offsets = (None if weight.offsets is None
+                        else QuantizedArray(weight.offsets, **scale_metadata))
         self.bits = weight.bits
         self.group_size = weight.group_size
         self.symmetric = weight.symmetric
-        self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
+        self.bias = None if bias is None else nnx.Param(jnp.asarray(bias), **bias_metadata)
         self.dtype = dtype
         self.output_shape = None if output_shape is None else tuple(output_shape)
         if input_permutation is not None:
@@ -77,11 +88,13 @@ class QuantLinear(nnx.Module):
     def from_module(cls, module, bits: int = 4, group_size: int = 128, symmetric: bool = True,
                     **quantize_kwargs) -> "QuantLinear":
         """Quantizes an ``nnx.Linear``, or an ``nnx.LinearGeneral``/``nnx.Einsum`` whose
-        contraction is a plain matmul over the last input axis (see ``dense_kernel``)."""
+        contraction is a plain matmul over the last input axis (see ``dense_kernel``).
+        The layer's sharding annotations carry over (``partition_metadata``)."""
         kernel, bias, output_shape = dense_kernel(module)
         weight = jax_lowbit.quantize(kernel, bits, group_size, symmetric=symmetric,
                                      **quantize_kwargs)
-        return cls(weight, bias, dtype=module.dtype, output_shape=output_shape)
+        return cls(weight, bias, dtype=module.dtype, output_shape=output_shape,
+                   **partition_metadata.dense_metadata(module))
 
     @property
     def weight(self) -> QuantizedWeight:
