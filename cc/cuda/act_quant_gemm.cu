@@ -187,6 +187,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
 #pragma unroll
       for (int u = 0; u < kSteps; ++u) {
+        if (u >= batch) break;  // shorter batches of small groups
         uint32_t b[kMTiles][2];
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) Codes::b_fragment(xv[u][mt], b[mt][0], b[mt][1]);
