@@ -21,10 +21,12 @@ def quantize_rows(x):
 
 
 def matmul(x, qw):
-    """(y float32 (M, N) before the cast to x's dtype, s[m] * sum_g |term| (M, N)).
+    """(y float32 (M, N) before the cast to x's dtype, its float32 magnitude (M, N)).
 
-    The second array bounds how far a different order of the float32 group sum
-    can move y: at most 2 (G - 1) 2^-24 times it.
+    The magnitude is s[m] times the sum over groups of the products a term is
+    made of (|f32(p) scale|, or |f32(p + 2^(bits-1) t) scale| + |f32(t) offset|):
+    another order of the group sum, or a product and sum fused into an fma,
+    moves y by at most 2 G 2^-24 times it.
     """
     xq, s = quantize_rows(x)
     bits = qw.bits
@@ -41,11 +43,12 @@ def matmul(x, qw):
         p = xq[:, part] @ q[part]
         assert np.all(np.abs(p) < 2**31), "the reference does not model int32 wrapping"
         if offsets is None:
-            term = p.astype(np.float32) * scales[g]
+            products = [p.astype(np.float32) * scales[g]]
         else:
             t = xq[:, part].sum(axis=1, keepdims=True)
-            term = ((p + zero * t).astype(np.float32) * scales[g]
-                    + t.astype(np.float32) * offsets[g])
+            products = [(p + zero * t).astype(np.float32) * scales[g],
+                        t.astype(np.float32) * offsets[g]]
+        term = products[0] if offsets is None else products[0] + products[1]
         acc = acc + term
-        magnitude += np.abs(term)
+        magnitude += sum(np.abs(a.astype(np.float64)) for a in products)
     return acc * s[:, None], magnitude * s[:, None]
