@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core
 from jax.interpreters import ad, batching
 
@@ -24,7 +25,8 @@ act_quant_matmul_p = core.Primitive("jax_lowbit_act_quant_matmul")
 
 def check_act_bits(act_bits) -> None:
     """Raises ValueError unless ``act_bits`` is a supported activation width (8)."""
-    if type(act_bits) is not int or act_bits not in ACT_BITS:  # not True, 8.0 or "8"
+    integer = isinstance(act_bits, (int, np.integer)) and not isinstance(act_bits, bool)
+    if not integer or act_bits not in ACT_BITS:  # not True, 8.0 or "8"
         raise ValueError(
             f"matmul: act_bits={act_bits!r} is not supported; use act_bits=8 (int8 activations, "
             "quantized per row) or act_bits=None (float activations, weight-only)")

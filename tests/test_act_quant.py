@@ -127,6 +127,13 @@ def test_zero_rows_give_zero(dtype, rng):
     check_against_spec(y, jnp.asarray(x, dtype), qw)
 
 
+@pytest.mark.parametrize("shape", [(128,), (0, 128), (2, 0, 128), (2, 3, 128)])
+def test_leading_dims_are_rows(shape, rng):
+    qw = _weight(rng, 128, 8, 4, 64)
+    x = _x(rng, shape, jnp.bfloat16)
+    check_against_spec(_act_matmul(x, qw), x, qw)
+
+
 # --- transforms ----------------------------------------------------------------
 
 def test_jit_and_vmap_fold_rows_into_one_call(rng):
@@ -221,6 +228,13 @@ def test_unsupported_act_bits(act_bits, rng):
     qw = _weight(rng, 128, 8, 8, -1)
     with pytest.raises(ValueError, match="act_bits=.* is not supported; use act_bits=8"):
         jax_lowbit.matmul(jnp.ones((2, 128)), qw, act_bits=act_bits)
+
+
+def test_numpy_integer_act_bits(rng):
+    qw = _weight(rng, 128, 8, 8, -1)
+    x = _x(rng, (2, 128), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(jax_lowbit.matmul(x, qw, act_bits=np.int64(8))),
+                                  np.asarray(_act_matmul(x, qw)))
 
 
 def test_int2_weights_are_refused(rng):
