@@ -1,9 +1,11 @@
 """Suite benchmark: the four linear layers of a Llama-3-8B block, two copies each.
 
 Times one pass over the four layers (µs) for bf16 jnp.dot, XLA's own int4 g128
-path and jax_lowbit's formats, all in one process, and reports the speedups
-and the fraction of the bytes-over-bandwidth floor (bandwidth measured here by
-a device-to-device copy). Usage:
+path and jax_lowbit's formats (weight-only; W8A8 and W4A8 with int8
+activations quantized per row, ``act_bits=8``; int_matmul of int8 activations
+and int8 weights to int32), all in one process, and reports the speedups and
+the fraction of the bytes-over-bandwidth floor (bandwidth measured here by a
+device-to-device copy). Usage:
 
     python benchmarks/gemm.py [--m 1 16 32 64 256 1024 4096] [--json out.json] [--plot out.png]
 """
@@ -25,6 +27,10 @@ SUITE = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 COPIES = 2  # two copies of each layer, run in turn, so weights never sit in L2
 FORMATS = [(4, True), (4, False), (2, True), (2, False)]
 GROUP = 128
+# Quantized activations (act_bits=8): name -> (weight bits, group size), symmetric.
+ACT_QUANT_FORMATS = {"w8a8 per-channel": (8, -1), f"w4a8 g{GROUP}": (4, GROUP)}
+INT_MATMUL = "int_matmul s8 x s8"
+BASELINES = ("bf16", "xla int4 g128")
 
 
 SAMPLES = 9
@@ -87,6 +93,15 @@ def _bf16_layer(x, w):
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+def _act_quant_layer(x, w):
+    return jax_lowbit.matmul(x, w, act_bits=8)
+
+
+def _as_int8(a, step):
+    """Round-to-nearest int8 codes of a with the given step (benchmark data only)."""
+    return jnp.clip(jnp.round(a / step), -127, 127).astype(jnp.int8)
+
+
 def measure_bandwidth() -> float:
     """Bytes per second of device-to-device copies of 1 GiB (read + write)."""
     a = jnp.ones((1 << 29,), jnp.bfloat16)
@@ -122,7 +137,11 @@ def main():
     for bits, sym in FORMATS:
         name = f"int{bits} g{GROUP} {'sym' if sym else 'asym'}"
         weights[name] = [jax_lowbit.quantize(w, bits, GROUP, symmetric=sym) for w in dense]
-    layer_fns = {"bf16": _bf16_layer, "xla int4 g128": _xla_int4_layer}
+    for name, (bits, group) in ACT_QUANT_FORMATS.items():
+        weights[name] = [jax_lowbit.quantize(w, bits, group) for w in dense]
+    weights[INT_MATMUL] = [_as_int8(w, 0.005) for w in dense]
+    layer_fns = {"bf16": _bf16_layer, "xla int4 g128": _xla_int4_layer, INT_MATMUL:
+                 jax_lowbit.int_matmul, **{name: _act_quant_layer for name in ACT_QUANT_FORMATS}}
     floors = {name: sum(leaf.nbytes for w in ws[:4] for leaf in jax.tree.leaves(w)) / bandwidth
               for name, ws in weights.items()}
 
@@ -131,17 +150,20 @@ def main():
         passes = 20 if m <= 256 else 2
         xs = [[jax.random.normal(jax.random.fold_in(key, 100 * r + i), (m, SUITE[i][0]),
                                  jnp.bfloat16) for i in range(4)] for r in range(passes)]
+        # int_matmul takes int8 activations, made outside the timed function.
+        xs_int8 = [[_as_int8(x, 0.03) for x in row] for row in xs]
         # One "pass" of the suite is the four layers once: COPIES per loop.
-        calls = {name: (_passes(layer_fns.get(name, jax_lowbit.matmul)), (xs, ws), passes * COPIES)
+        calls = {name: (_passes(layer_fns.get(name, jax_lowbit.matmul)),
+                        (xs_int8 if name == INT_MATMUL else xs, ws), passes * COPIES)
                  for name, ws in weights.items()}
         row = {name: seconds * 1e6 for name, seconds in _timed_together(calls).items()}
         results[m] = row
         base, xla4 = row["bf16"], row["xla int4 g128"]
         print(f"\nM={m}: bf16 {base:.1f} µs, xla int4 g128 {xla4:.1f} µs")
         for name in weights:
-            if name in layer_fns:
+            if name in BASELINES:
                 continue
-            print(f"  {name:16s} {row[name]:9.1f} µs  x{base / row[name]:5.2f} vs bf16  "
+            print(f"  {name:18s} {row[name]:9.1f} µs  x{base / row[name]:5.2f} vs bf16  "
                   f"x{xla4 / row[name]:5.2f} vs xla int4  floor {floors[name] * 1e6 / row[name]:6.1%}")
 
     if args.json:

@@ -66,6 +66,20 @@ inline ffi::Error dequantize_shape(ffi::AnyBuffer::Dimensions codes,
   return ffi::Error::Success();
 }
 
+// weight_shape(), and an error unless the codes widen to int8 for the
+// integer product of matmul(x, qw, act_bits=8): 4- or 8-bit.
+inline ffi::Error act_quant_weight_shape(ffi::AnyBuffer::Dimensions codes,
+                                         ffi::AnyBuffer::Dimensions scales,
+                                         ffi::AnyBuffer::Dimensions offsets, int64_t bits,
+                                         int64_t group_size, WeightShape& s) {
+  ffi::Error error = weight_shape(codes, scales, offsets, bits, group_size, s);
+  if (error.failure()) return error;
+  if (s.bits != 4 && s.bits != 8) {
+    return ffi::Error::InvalidArgument("act_bits=8 products need 4- or 8-bit codes");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace jax_lowbit
 
 #endif  // JAX_LOWBIT_WEIGHT_SHAPE_H_

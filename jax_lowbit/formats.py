@@ -49,3 +49,12 @@ def pack_codes(codes: jnp.ndarray, bits: int) -> jnp.ndarray:
     shifts = np.array([code_shift(j, bits) for j in range(per_word)], np.uint32)
     # Fields never overlap, so a sum of shifted codes is their bitwise or.
     return jnp.sum(grouped << shifts[None, :, None], axis=1, dtype=jnp.uint32)
+
+
+def unpack_codes(words: jnp.ndarray, bits: int) -> jnp.ndarray:
+    """The unsigned codes (K, N), uint32, of packed words (K / P, N): pack_codes inverted."""
+    rows, n = words.shape
+    per_word = codes_per_word(bits)
+    shifts = np.array([code_shift(j, bits) for j in range(per_word)], np.uint32)
+    fields = (words[:, None, :] >> shifts[None, :, None]) & np.uint32((1 << bits) - 1)
+    return fields.reshape(rows * per_word, n)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_lowbit import lowering  # noqa: F401  (registers the lowerings)
+from jax_lowbit import act_quant_lowering, lowering  # noqa: F401  (registers the lowerings)
+from jax_lowbit.act_quant_primitives import act_quant_matmul_p, check_act_bits
 from jax_lowbit.primitives import WeightFormat, dequantize_p, matmul_p
 from jax_lowbit.quantized_weight import QuantizedWeight
 from jax_lowbit.validation import check_float_dtype
@@ -26,13 +27,18 @@ def dequantize(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
     return dequantize_p.bind(*operands, fmt=fmt, dtype=jnp.dtype(dtype))
 
 
-def matmul(x, qw: QuantizedWeight) -> jax.Array:
+def matmul(x, qw: QuantizedWeight, *, act_bits=None) -> jax.Array:
     """``x @ qw.dequantize()`` with float32 accumulation, in x's dtype.
 
     Args:
       x: (..., K) array of dtype bfloat16, float16 or float32; any leading
         dims (none included) are rows of the product.
       qw: a QuantizedWeight of shape (K, N).
+      act_bits: None (float x, weight-only) or 8: each row of x is quantized
+        to int8 (absmax / 127 per row) and multiplied by the 4- or 8-bit codes
+        on integer arithmetic, group by group (W8A8, W4A8; the exact
+        arithmetic is in docs/formats.md). Its derivative is the
+        straight-through estimate, that of the weight-only product.
 
     Returns:
       (..., N) array of x's dtype. Differentiable with respect to x (the
@@ -45,4 +51,7 @@ def matmul(x, qw: QuantizedWeight) -> jax.Array:
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
         x = jnp.asarray(x)
     check_float_dtype("matmul: x", x.dtype)
+    if act_bits is not None:
+        check_act_bits(act_bits)
+        return act_quant_matmul_p.bind(x, *operands, fmt=fmt)
     return matmul_p.bind(x, *operands, fmt=fmt)

@@ -151,14 +151,22 @@ def _dequantize_jvp(primals, tangents, *, fmt, dtype):
     return w, ad.Zero.from_primal_value(w)
 
 
-def _matmul_jvp(primals, tangents, *, fmt):
-    x, *weight = primals
-    x_dot, *weight_dots = tangents
-    _require_constant_weight(weight_dots)
-    y = matmul_p.bind(x, *weight, fmt=fmt)
-    if type(x_dot) is ad.Zero:
-        return y, ad.Zero.from_primal_value(y)
-    return y, matmul_p.bind(x_dot, *weight, fmt=fmt)
+def weight_only_tangent_jvp(primitive):
+    """The JVP rule of a product ``primitive.bind(x, *weight, fmt=fmt)`` whose
+    tangent is the weight-only product ``matmul_p`` of x's tangent: exact for
+    matmul_p itself, the straight-through estimate for a product that
+    quantizes x. matmul_p is linear in x and transposes for reverse mode."""
+
+    def jvp(primals, tangents, *, fmt):
+        x, *weight = primals
+        x_dot, *weight_dots = tangents
+        _require_constant_weight(weight_dots)
+        y = primitive.bind(x, *weight, fmt=fmt)
+        if type(x_dot) is ad.Zero:
+            return y, ad.Zero.from_primal_value(y)
+        return y, matmul_p.bind(x_dot, *weight, fmt=fmt)
+
+    return jvp
 
 
 def _matmul_transpose(cotangent, x, *weight, fmt):
@@ -174,5 +182,5 @@ def _matmul_transpose(cotangent, x, *weight, fmt):
 
 
 ad.primitive_jvps[dequantize_p] = _dequantize_jvp
-ad.primitive_jvps[matmul_p] = _matmul_jvp
+ad.primitive_jvps[matmul_p] = weight_only_tangent_jvp(matmul_p)
 ad.primitive_transposes[matmul_p] = _matmul_transpose

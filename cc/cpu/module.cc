@@ -2,6 +2,7 @@
 #include <nanobind/nanobind.h>
 
 #include "build_config.h"
+#include "cpu/act_quant_matmul.h"
 #include "cpu/handlers.h"
 #include "cpu/int_matmul.h"
 #include "xla/ffi/api/c_api.h"
@@ -23,6 +24,7 @@ NB_MODULE(_cpu, m) {
     targets["jax_lowbit_dequantize"] = as_capsule(LowbitDequantizeCpu);
     targets["jax_lowbit_matmul"] = as_capsule(LowbitMatmulCpu);
     targets["jax_lowbit_int_matmul"] = as_capsule(LowbitIntMatmulCpu);
+    targets["jax_lowbit_act_quant_matmul"] = as_capsule(LowbitActQuantMatmulCpu);
     return targets;
   });
   m.def("build_info", []() {

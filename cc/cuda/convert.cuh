@@ -1,4 +1,4 @@
-// float -> output element conversions shared by the CUDA kernels.
+// float <-> element conversions shared by the CUDA kernels.
 #ifndef JAX_LOWBIT_CUDA_CONVERT_CUH_
 #define JAX_LOWBIT_CUDA_CONVERT_CUH_
 
@@ -17,6 +17,11 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 }
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// Exact: every bf16, fp16 and f32 value is a float.
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
 }  // namespace jax_lowbit
 

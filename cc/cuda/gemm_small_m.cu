@@ -42,6 +42,7 @@
 #include "cuda/convert.cuh"
 #include "cuda/gemm_args.h"
 #include "cuda/handlers.h"
+#include "cuda/m_tiles.cuh"
 #include "cuda/mma_fragments.cuh"
 #include "format.h"
 #include "weight_shape.h"
@@ -197,12 +198,11 @@ cudaError_t launch_symmetry(const GemmArgs& args, bool symmetric, cudaStream_t s
                    : launch_gemm<T, kBits, kMTiles, false>(args, stream);
 }
 
-// The fewest 8-row MMA tiles that cover M.
 template <typename T, int kBits>
 cudaError_t dispatch_tiles(const GemmArgs& args, bool symmetric, cudaStream_t stream) {
-  if (args.m <= 8) return launch_symmetry<T, kBits, 1>(args, symmetric, stream);
-  if (args.m <= 16) return launch_symmetry<T, kBits, 2>(args, symmetric, stream);
-  return launch_symmetry<T, kBits, 4>(args, symmetric, stream);
+  return with_m_tiles(args.m, [&](auto tiles) {
+    return launch_symmetry<T, kBits, decltype(tiles)::value>(args, symmetric, stream);
+  });
 }
 
 template <typename T>

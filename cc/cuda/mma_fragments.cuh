@@ -1,6 +1,7 @@
 // Pieces of the tensor-core GEMM kernels that turn packed codes into MMA
 // fragments: the m16n8k16 instruction per activation type, the magic-number
-// conversion of a code pair, and the streaming load of the code words.
+// conversion of a code pair, the streaming load of the code words, and for
+// int8 activations the m16n8k32 s8 instruction with the codes' signed bytes.
 #ifndef JAX_LOWBIT_CUDA_MMA_FRAGMENTS_CUH_
 #define JAX_LOWBIT_CUDA_MMA_FRAGMENTS_CUH_
 
@@ -72,6 +73,94 @@ struct Dequantizer {
     const uint32_t lanes = ((word >> (pair_index * kBits)) & kMask) | kMagic2;
     const Pair codes = __hsub2(as_pair<Pair>(lanes), as_pair<Pair>(kBias2));
     return as_bits(kSymmetric ? __hmul2(codes, scale) : __hfma2(codes, scale, offset));
+  }
+};
+
+// --- int8 activations: mma.m16n8k32 s8 x s8 -> s32 ------------------------------
+//
+// Fragments (PTX ISA, lane = 4 g + t): A register 0 holds row g, k-slots
+// 4t .. 4t+3; register 1 row g + 8, the same slots; registers 2 and 3 the same
+// rows at k-slots 16 + 4t .. 16 + 4t + 3. B register 0 holds column g (an
+// activation row) at k-slots 4t .. 4t+3, register 1 at 16 + 4t .. 16 + 4t + 3.
+// The accumulator is laid out as in m16n8k16. Which logical row of K a slot
+// stands for is the kernel's choice as long as A and B agree; both depend on
+// t alone, so each lane's slots are rows of its own code words.
+__device__ __forceinline__ void mma_s8(int32_t (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                       uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Signed s8 A fragments straight from the packed words of one 32-row K step.
+// A lane (g, t) reads columns col0 .. col0 + 3 (MMA p = 0, 1 takes columns
+// 2p and 2p + 1 as rows g and g + 8) and eight rows of K, 32 s + 8 t .. + 7;
+// `b_fragment` puts the lane's eight activations xq[m, 32 s + 8 t .. + 7]
+// (one 8-byte load, natural order) into the same row order with one prmt
+// per register. The int32 sums are (1 << kProductShift) * sum xq * (code - 2^(bits-1)).
+template <int kBits>
+struct SignedCodes;
+
+template <>
+struct SignedCodes<8> {
+  static constexpr int kLoads = 2;  // 16-byte code loads per lane and step
+  static constexpr int kProductShift = 0;
+  // Word rows 8s + 2t and 8s + 2t + 1 hold K rows 32s + 8t + (0..3) and (4..7).
+  static __device__ __forceinline__ int64_t word_row(int step, int t, int load) {
+    return 8 * int64_t{step} + 2 * t + load;
+  }
+  // A word's bytes are rows 0, 2, 1, 3 (docs/formats.md); flipping each
+  // byte's top bit turns offset-binary code into two's complement code - 128.
+  static __device__ __forceinline__ void a_fragment(const uint4 (&w)[kLoads], int p,
+                                                    uint32_t (&a)[4]) {
+    a[0] = word_of(w[0], 2 * p) ^ 0x80808080u;
+    a[1] = word_of(w[0], 2 * p + 1) ^ 0x80808080u;
+    a[2] = word_of(w[1], 2 * p) ^ 0x80808080u;
+    a[3] = word_of(w[1], 2 * p + 1) ^ 0x80808080u;
+  }
+  // Activation bytes 0, 2, 1, 3 and 4, 6, 5, 7.
+  static __device__ __forceinline__ void b_fragment(uint2 x, uint32_t& b0, uint32_t& b1) {
+    b0 = __byte_perm(x.x, x.y, 0x3120);
+    b1 = __byte_perm(x.x, x.y, 0x7564);
+  }
+};
+
+template <>
+struct SignedCodes<4> {
+  static constexpr int kLoads = 1;
+  static constexpr int kProductShift = 4;
+  // Word row 4s + t holds K rows 32s + 8t .. + 7.
+  static __device__ __forceinline__ int64_t word_row(int step, int t, int) {
+    return 4 * int64_t{step} + t;
+  }
+  // Nibbles at bits 0, 8, 16, 24 are rows 0, 4, 1, 5 and those at bits 4, 12,
+  // 20, 28 rows 2, 6, 3, 7. Each is moved into the top half of its byte and
+  // its top bit flipped: the byte is then 16 * (code - 8) as a signed s8, so
+  // one and (after a shift) and one xor, a single lop3, convert four codes
+  // with no sign extension. The products are 16x; the sums stay exact.
+  static __device__ __forceinline__ uint32_t high_nibbles(uint32_t word) {
+    return (word & 0xF0F0F0F0u) ^ 0x80808080u;
+  }
+  static __device__ __forceinline__ uint32_t low_nibbles(uint32_t word) {
+    return high_nibbles(word << 4);
+  }
+  static __device__ __forceinline__ void a_fragment(const uint4 (&w)[kLoads], int p,
+                                                    uint32_t (&a)[4]) {
+    a[0] = low_nibbles(word_of(w[0], 2 * p));
+    a[1] = low_nibbles(word_of(w[0], 2 * p + 1));
+    a[2] = high_nibbles(word_of(w[0], 2 * p));
+    a[3] = high_nibbles(word_of(w[0], 2 * p + 1));
+  }
+  // Activation bytes 0, 4, 1, 5 and 2, 6, 3, 7.
+  static __device__ __forceinline__ void b_fragment(uint2 x, uint32_t& b0, uint32_t& b1) {
+    b0 = __byte_perm(x.x, x.y, 0x5140);
+    b1 = __byte_perm(x.x, x.y, 0x7362);
   }
 };
 

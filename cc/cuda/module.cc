@@ -10,6 +10,8 @@ NB_MODULE(_cuda, m) {
     nb::dict targets;
     targets["jax_lowbit_dequantize"] = nb::capsule(reinterpret_cast<void*>(LowbitDequantizeCuda));
     targets["jax_lowbit_gemm_small_m"] = nb::capsule(reinterpret_cast<void*>(LowbitGemmSmallMCuda));
+    targets["jax_lowbit_quantize_rows"] = nb::capsule(reinterpret_cast<void*>(LowbitQuantizeRowsCuda));
+    targets["jax_lowbit_act_quant_gemm"] = nb::capsule(reinterpret_cast<void*>(LowbitActQuantGemmCuda));
     return targets;
   });
 }

@@ -1,0 +1,8 @@
+#ifndef JAX_LOWBIT_CPU_ACT_QUANT_MATMUL_H_
+#define JAX_LOWBIT_CPU_ACT_QUANT_MATMUL_H_
+
+#include "xla/ffi/api/ffi.h"
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(LowbitActQuantMatmulCpu);
+
+#endif  // JAX_LOWBIT_CPU_ACT_QUANT_MATMUL_H_

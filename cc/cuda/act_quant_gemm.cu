@@ -1,0 +1,350 @@
+// W8A8 / W4A8 GEMM on int8 tensor cores: y[m, n] = dtype(s[m] * sum_g term),
+// the arithmetic of docs/formats.md ("Quantized activations"), with xq, s and
+// the activations' group sums t from the quantize_rows pre-pass and the
+// weight's packed codes read in place as the A operand of mma.m16n8k32 s8.
+//
+// Mapping (that of gemm_small_m.cu; the fragments are SignedCodes in
+// mma_fragments.cuh):
+//  * A CTA owns 32 output columns and 8 * kMTiles rows of x; blockIdx.y tiles
+//    M beyond that, every such CTA streaming the whole weight again (a first
+//    step for large M). Its 16 warps split K. A step is 32 rows of K: lane
+//    (g, t) loads 16 bytes of code words (int4: one word row, int8: two) of
+//    columns 4g .. 4g+3 and, for each M tile, the 8 activations xq of the
+//    same K rows of row g of the tile.
+//  * Group sums p are int32, exact. A warp takes runs of consecutive steps
+//    that hold whole groups (max(group steps, kUnroll) steps), round robin, so
+//    a group never leaves its warp: after the group's last step the warp turns
+//    p into the group's float32 term (scale, and offset and t for asymmetric
+//    weights) and adds it to its float32 sums, groups in increasing order. The
+//    scales of a group are loaded with the codes of its last step, so their
+//    latency hides behind the same loads.
+//  * One group (group_size -1) has no group boundary: runs of kUnroll steps,
+//    and the warps' int32 partial sums are added (exactly) in shared memory
+//    before the single term is formed: the CPU handler's bits.
+//  * Several groups: the warps' float32 sums are added in warp order.
+//  * Epilogue: y = dtype(acc * s[m]).
+// Requires K % 32 == 0 and N % 4 == 0 (the lowering pads N; other K take the
+// integer-dot path).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "act_quant.h"
+#include "cuda/convert.cuh"
+#include "cuda/handlers.h"
+#include "cuda/launch_status.h"
+#include "cuda/m_tiles.cuh"
+#include "cuda/mma_fragments.cuh"
+#include "weight_shape.h"
+
+namespace jax_lowbit {
+namespace {
+
+namespace ffi = xla::ffi;
+
+constexpr int kWarps = 16;
+constexpr int kThreads = kWarps * 32;
+constexpr int kColumns = 32;   // output columns per CTA
+constexpr int kStepRows = 32;  // K rows of one m16n8k32 step
+
+enum class OutType { kF32, kBF16, kF16 };
+
+struct GemmArgs {
+  const int8_t* xq;           // (M, K)
+  const float* x_scales;      // (M,)
+  const int32_t* group_sums;  // (G, M)
+  const uint32_t* codes;
+  const void* scales;
+  const void* offsets;
+  void* y;  // (M, N)
+  int m, k, n, groups;
+  int group_steps;  // steps per group, a power of two (with more than one group)
+  OutType out_type;
+};
+
+// Four scales (or offsets) of a lane's four columns, kept as loaded (8 or 16
+// bytes) until the group's term needs them.
+template <typename S>
+struct Quad {
+  static constexpr bool kWide = sizeof(S) == 4;
+  std::conditional_t<kWide, uint4, uint2> raw;
+
+  __device__ __forceinline__ void load(const S* p) {
+    raw = __ldg(reinterpret_cast<const decltype(raw)*>(p));
+  }
+  __device__ __forceinline__ float operator[](int i) const {
+    if constexpr (kWide) {
+      return __uint_as_float(word_of(raw, i));
+    } else {
+      const uint32_t word = i < 2 ? raw.x : raw.y;
+      const auto bits = static_cast<unsigned short>((i & 1) ? word >> 16 : word);
+      if constexpr (std::is_same_v<S, __half>) return __half2float(__ushort_as_half(bits));
+      else return __bfloat162float(__ushort_as_bfloat16(bits));
+    }
+  }
+};
+
+__device__ __forceinline__ void store(void* y, int64_t i, float v, OutType type) {
+  switch (type) {
+    case OutType::kF32: static_cast<float*>(y)[i] = v; break;
+    case OutType::kBF16: static_cast<__nv_bfloat16*>(y)[i] = from_float<__nv_bfloat16>(v); break;
+    case OutType::kF16: static_cast<__half*>(y)[i] = from_float<__half>(v); break;
+  }
+}
+
+// Steps whose loads are in flight together: four 16-byte code loads per lane
+// with one M tile, fewer as more tiles' accumulators take the registers. One
+// CTA per SM (up to 128 registers a lane): with two, as gemm_small_m runs up
+// to 16 rows, the int32 and float32 accumulators did not fit in 64 registers
+// (ptxas spilled).
+template <int kBits, int kMTiles>
+constexpr int kUnroll = 4 / (SignedCodes<kBits>::kLoads * kMTiles) > 0
+                            ? 4 / (SignedCodes<kBits>::kLoads * kMTiles) : 1;
+
+// Calls f(p, i) for the 8 accumulator registers of a lane in one M tile:
+// register i of MMA p is weight column 2p + i / 2 (MMA row g or g + 8) of
+// activation row 2t + i % 2 of the tile.
+template <typename F>
+__device__ __forceinline__ void for_each_register(F&& f) {
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f(p, i);
+  }
+}
+
+template <typename S, int kBits, bool kSymmetric, int kMTiles>
+__global__ void __launch_bounds__(kThreads, 1)
+    act_quant_gemm_kernel(const GemmArgs args) {
+  using Codes = SignedCodes<kBits>;
+  constexpr int kSteps = kUnroll<kBits, kMTiles>;
+  const S* scales = static_cast<const S*>(args.scales);
+  const S* offsets = static_cast<const S*>(args.offsets);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int strip = blockIdx.x * kColumns;
+  const int col0 = strip + 4 * g;
+  const bool col_ok = col0 < args.n;
+  const int row0 = blockIdx.y * (8 * kMTiles);
+  const int steps = args.k / kStepRows;
+  const bool one_group = args.groups == 1;
+  // A batch of steps has its loads in flight together and ends no group but
+  // at its last step, so one set of scales serves it (groups of fewer steps
+  // than kSteps get shorter batches).
+  const int batch = one_group ? kSteps : min(args.group_steps, kSteps);
+  const int run_steps = one_group ? kSteps : max(args.group_steps, kSteps);
+
+  int32_t iacc[kMTiles][2][4] = {};
+  float facc[kMTiles][2][4] = {};
+
+  for (int run = warp * run_steps; run < steps; run += kWarps * run_steps) {
+    for (int base = run; base < run + run_steps && base < steps; base += batch) {
+      const int last = base + batch - 1;
+      const bool ends_group = !one_group && ((last + 1) & (args.group_steps - 1)) == 0;
+      const int group = last / args.group_steps;
+      uint4 words[kSteps][Codes::kLoads];
+      uint2 xv[kSteps][kMTiles];
+#pragma unroll
+      for (int u = 0; u < kSteps; ++u) {
+        const int step = base + u;
+        const bool in_batch = u < batch && step < steps;
+#pragma unroll
+        for (int l = 0; l < Codes::kLoads; ++l) {
+          const uint32_t* p = args.codes + Codes::word_row(step, t, l) * args.n + col0;
+          words[u][l] = in_batch && col_ok ? load_streaming(reinterpret_cast<const uint4*>(p))
+                                           : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          const int m = row0 + mt * 8 + g;
+          const int8_t* p = args.xq + int64_t{m} * args.k + step * kStepRows + 8 * t;
+          xv[u][mt] = in_batch && m < args.m ? __ldg(reinterpret_cast<const uint2*>(p))
+                                             : make_uint2(0, 0);
+        }
+      }
+      Quad<S> scale = {};
+      Quad<S> offset = {};
+      int32_t tsum[kMTiles][2] = {};  // t of rows 2t, 2t + 1 of each tile
+      if (ends_group) {
+        if (col_ok) {
+          scale.load(scales + int64_t{group} * args.n + col0);
+          if (!kSymmetric) offset.load(offsets + int64_t{group} * args.n + col0);
+        }
+#pragma unroll
+        for (int mt = 0; mt < kMTiles && !kSymmetric; ++mt) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int m = row0 + mt * 8 + 2 * t + r;
+            tsum[mt][r] = m < args.m ? __ldg(args.group_sums + int64_t{group} * args.m + m) : 0;
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kSteps; ++u) {
+        if (u >= batch) break;  // shorter batches of small groups
+        uint32_t b[kMTiles][2];
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) Codes::b_fragment(xv[u][mt], b[mt][0], b[mt][1]);
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+          uint32_t a[4];
+          Codes::a_fragment(words[u], p, a);
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) mma_s8(iacc[mt][p], a, b[mt][0], b[mt][1]);
+        }
+      }
+      if (ends_group) {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          for_each_register([&](int p, int i) {
+            const int c = 2 * p + i / 2;
+            facc[mt][p][i] =
+                add_rn(facc[mt][p][i],
+                       group_term(iacc[mt][p][i] >> Codes::kProductShift, tsum[mt][i % 2], kBits,
+                                  kSymmetric, scale[c], offset[c]));
+            iacc[mt][p][i] = 0;
+          });
+        }
+      }
+    }
+  }
+
+  // Warps' partial sums (int32 with one group, float32 bits otherwise), added
+  // in warp order one M tile at a time to keep shared memory at 16 KB.
+  __shared__ uint32_t partial[kWarps][8][kColumns];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    for_each_register([&](int p, int i) {
+      partial[warp][2 * t + i % 2][4 * g + 2 * p + i / 2] =
+          one_group ? static_cast<uint32_t>(iacc[mt][p][i]) : __float_as_uint(facc[mt][p][i]);
+    });
+    __syncthreads();
+    for (int i = threadIdx.x; i < 8 * kColumns; i += kThreads) {
+      const int r = i / kColumns;
+      const int c = i % kColumns;
+      const int m = row0 + mt * 8 + r;
+      const int col = strip + c;
+      if (m >= args.m || col >= args.n) continue;
+      float acc = 0.f;
+      if (one_group) {
+        uint32_t sum = 0;  // wraps modulo 2^32 like the spec's int32 sums
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) sum += partial[w][r][c];
+        const int32_t p = static_cast<int32_t>(sum) >> Codes::kProductShift;
+        acc = add_rn(acc, group_term(p, kSymmetric ? 0 : args.group_sums[m], kBits, kSymmetric,
+                                     to_float(scales[col]),
+                                     kSymmetric ? 0.f : to_float(offsets[col])));
+      } else {
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) acc = add_rn(acc, __uint_as_float(partial[w][r][c]));
+      }
+      store(args.y, int64_t{m} * args.n + col, mul_rn(acc, args.x_scales[m]), args.out_type);
+    }
+    __syncthreads();
+  }
+}
+
+template <typename S, int kBits, bool kSymmetric, int kMTiles>
+cudaError_t launch_gemm(const GemmArgs& args, cudaStream_t stream) {
+  const dim3 grid((args.n + kColumns - 1) / kColumns, (args.m + 8 * kMTiles - 1) / (8 * kMTiles));
+  act_quant_gemm_kernel<S, kBits, kSymmetric, kMTiles><<<grid, kThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+// More rows than kMaxMTiles tiles hold are tiled over blockIdx.y.
+template <typename S, int kBits, bool kSymmetric>
+cudaError_t dispatch_tiles(const GemmArgs& args, cudaStream_t stream) {
+  return with_m_tiles(args.m, [&](auto tiles) {
+    return launch_gemm<S, kBits, kSymmetric, decltype(tiles)::value>(args, stream);
+  });
+}
+
+template <typename S>
+cudaError_t dispatch_format(const GemmArgs& args, int bits, bool symmetric,
+                            cudaStream_t stream) {
+  if (bits == 8) {
+    return symmetric ? dispatch_tiles<S, 8, true>(args, stream)
+                     : dispatch_tiles<S, 8, false>(args, stream);
+  }
+  return symmetric ? dispatch_tiles<S, 4, true>(args, stream)
+                   : dispatch_tiles<S, 4, false>(args, stream);
+}
+
+bool float_type(ffi::DataType type) {
+  return type == ffi::F32 || type == ffi::BF16 || type == ffi::F16;
+}
+
+ffi::Error act_quant_gemm_impl(cudaStream_t stream, ffi::Buffer<ffi::S8> xq,
+                               ffi::Buffer<ffi::F32> x_scales,
+                               ffi::Buffer<ffi::S32> group_sums, ffi::Buffer<ffi::U32> codes,
+                               ffi::AnyBuffer scales, ffi::AnyBuffer offsets,
+                               ffi::Result<ffi::AnyBuffer> y, int32_t bits, int64_t group_size,
+                               bool symmetric) {
+  WeightShape w;
+  ffi::Error shape_error = act_quant_weight_shape(codes.dimensions(), scales.dimensions(),
+                                                  offsets.dimensions(), bits, group_size, w);
+  if (shape_error.failure()) return shape_error;
+  const auto scale_type = scales.element_type();
+  if (!float_type(scale_type) || offsets.element_type() != scale_type ||
+      !float_type(y->element_type())) {
+    return ffi::Error::InvalidArgument(
+        "act_quant_gemm: scales and offsets must share f32, bf16 or f16; y must be one of them");
+  }
+  const auto xq_dims = xq.dimensions();
+  const auto y_dims = y->dimensions();
+  if (xq_dims.size() != 2) return ffi::Error::InvalidArgument("act_quant_gemm: xq must be 2-D");
+  const int64_t m_rows = xq_dims[0];
+  if (xq_dims[1] != w.k || x_scales.dimensions().size() != 1 ||
+      x_scales.dimensions()[0] != m_rows || group_sums.dimensions().size() != 2 ||
+      group_sums.dimensions()[0] != w.groups || group_sums.dimensions()[1] != m_rows ||
+      y_dims.size() != 2 || y_dims[0] != m_rows || y_dims[1] != w.n) {
+    return ffi::Error::InvalidArgument(
+        "act_quant_gemm: needs xq (M, K), x_scales (M,), group_sums (G, M) and y (M, N)");
+  }
+  const int64_t group_steps = w.group_rows / kStepRows;
+  if (w.k % kStepRows != 0 || w.n % 4 != 0 || w.k > INT32_MAX / 2 || w.n > INT32_MAX / 2 ||
+      m_rows > int64_t{65535} * 8 * kMaxMTiles ||
+      (w.groups > 1 && (w.group_rows % kStepRows != 0 || (group_steps & (group_steps - 1))))) {
+    return ffi::Error::InvalidArgument(
+        "act_quant_gemm: needs K % 32 == 0, N % 4 == 0, M < 2^21 and groups of 32 * 2^i rows");
+  }
+  if (m_rows == 0 || w.n == 0) return ffi::Error::Success();
+  const OutType out_type = y->element_type() == ffi::F32    ? OutType::kF32
+                           : y->element_type() == ffi::BF16 ? OutType::kBF16
+                                                            : OutType::kF16;
+  const GemmArgs args{xq.typed_data(),     x_scales.typed_data(), group_sums.typed_data(),
+                      codes.typed_data(),  scales.untyped_data(), offsets.untyped_data(),
+                      y->untyped_data(),   static_cast<int>(m_rows),
+                      static_cast<int>(w.k), static_cast<int>(w.n),
+                      static_cast<int>(w.groups), static_cast<int>(group_steps), out_type};
+  return launch_status(
+      scale_type == ffi::F32    ? dispatch_format<float>(args, w.bits, symmetric, stream)
+      : scale_type == ffi::BF16 ? dispatch_format<__nv_bfloat16>(args, w.bits, symmetric, stream)
+                                : dispatch_format<__half>(args, w.bits, symmetric, stream),
+      "act_quant_gemm");
+}
+
+}  // namespace
+}  // namespace jax_lowbit
+
+// Symmetric weights pass their scales in the offsets slot; it is not read.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitActQuantGemmCuda, jax_lowbit::act_quant_gemm_impl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S8>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<bool>("symmetric"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

@@ -1,0 +1,161 @@
+// The pre-pass of matmul(x, qw, act_bits=8): each row of x (bf16, fp16 or
+// f32) becomes int8 with its scale s = absmax / 127 and the per-group sums t
+// of its int8 values (docs/formats.md, "Quantized activations"; the rounding
+// is cc/act_quant.h). One CTA per row: a pass for the absmax, a second pass
+// (from L1/L2) that quantizes. K is a multiple of 4 in every packed format,
+// so a thread takes four consecutive elements at a time with one load.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "act_quant.h"
+#include "cuda/convert.cuh"
+#include "cuda/handlers.h"
+#include "cuda/launch_status.h"
+
+namespace jax_lowbit {
+namespace {
+
+namespace ffi = xla::ffi;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Group sums live in shared memory, one int32 per group.
+constexpr int64_t kMaxGroups = 48 * 1024 / sizeof(int32_t);
+
+// Four consecutive elements as floats, one 8-byte (16-bit types) or 16-byte load.
+__device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
+  const float4 q = __ldg(reinterpret_cast<const float4*>(p));
+  v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+}
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, float (&v)[4]) {
+  const uint2 q = __ldg(reinterpret_cast<const uint2*>(p));
+  const T* h = reinterpret_cast<const T*>(&q);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = to_float(h[i]);
+}
+
+// The maximum of a non-negative float over the CTA: non-negative floats order
+// like their bit patterns, so the warps reduce them as unsigned integers.
+__device__ float block_max(float v) {
+  __shared__ uint32_t warp_max[kWarps];
+  const uint32_t bits = __reduce_max_sync(0xffffffffu, __float_as_uint(v));
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = bits;
+  __syncthreads();
+  uint32_t all = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) all = max(all, warp_max[w]);
+  return __uint_as_float(all);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ xq,
+                         float* __restrict__ scales, int32_t* __restrict__ group_sums,
+                         int m_rows, int k, int group_rows, int groups) {
+  extern __shared__ int32_t sums[];
+  const int m = blockIdx.x;
+  const T* row = x + int64_t{m} * k;
+  float absmax = 0.f;
+  for (int i = 4 * threadIdx.x; i < k; i += 4 * kThreads) {
+    float v[4];
+    load4(row + i, v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) absmax = fmaxf(absmax, fabsf(v[j]));
+  }
+  const float scale = activation_scale(block_max(absmax));
+  for (int g = threadIdx.x; g < groups; g += kThreads) sums[g] = 0;
+  __syncthreads();
+  for (int i = 4 * threadIdx.x; i < k; i += 4 * kThreads) {
+    float v[4];
+    load4(row + i, v);
+    uint32_t packed = 0;
+    int32_t sum = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int32_t q = quantize_activation(v[j], scale);
+      packed |= (static_cast<uint32_t>(q) & 0xffu) << (8 * j);
+      sum += q;
+    }
+    *reinterpret_cast<uint32_t*>(xq + int64_t{m} * k + i) = packed;
+    // Group sizes are multiples of 4: the four elements share one group.
+    // Integer atomics add in any order to the same sum.
+    atomicAdd(&sums[i / group_rows], sum);
+  }
+  __syncthreads();
+  // Stored (G, M): the GEMM kernel reads the sums of one group for adjacent rows.
+  for (int g = threadIdx.x; g < groups; g += kThreads) group_sums[int64_t{g} * m_rows + m] = sums[g];
+  if (threadIdx.x == 0) scales[m] = scale;
+}
+
+struct RowsArgs {
+  const void* x;
+  int8_t* xq;
+  float* scales;
+  int32_t* group_sums;
+  int m_rows, k, group_rows, groups;
+};
+
+template <typename T>
+cudaError_t launch(const RowsArgs& a, cudaStream_t stream) {
+  quantize_rows_kernel<T><<<a.m_rows, kThreads, a.groups * sizeof(int32_t), stream>>>(
+      static_cast<const T*>(a.x), a.xq, a.scales, a.group_sums, a.m_rows, a.k, a.group_rows,
+      a.groups);
+  return cudaGetLastError();
+}
+
+ffi::Error quantize_rows_impl(cudaStream_t stream, ffi::AnyBuffer x,
+                              ffi::Result<ffi::Buffer<ffi::S8>> xq,
+                              ffi::Result<ffi::Buffer<ffi::F32>> scales,
+                              ffi::Result<ffi::Buffer<ffi::S32>> group_sums, int64_t group_rows) {
+  const auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("quantize_rows: x must be (M, K)");
+  const int64_t m_rows = dims[0], k = dims[1];
+  if (k % 4 != 0 || group_rows <= 0 || group_rows % 4 != 0 || k % group_rows != 0 ||
+      k > INT32_MAX || m_rows > INT32_MAX) {
+    return ffi::Error::InvalidArgument(
+        "quantize_rows: K and the group size must be multiples of 4, the group size must "
+        "divide K");
+  }
+  const int64_t groups = k / group_rows;
+  const auto xq_dims = xq->dimensions();
+  const auto s_dims = scales->dimensions();
+  const auto t_dims = group_sums->dimensions();
+  if (xq_dims.size() != 2 || xq_dims[0] != m_rows || xq_dims[1] != k || s_dims.size() != 1 ||
+      s_dims[0] != m_rows || t_dims.size() != 2 || t_dims[0] != groups || t_dims[1] != m_rows) {
+    return ffi::Error::InvalidArgument(
+        "quantize_rows: results must be xq (M, K), scales (M,) and group sums (G, M)");
+  }
+  if (groups > kMaxGroups) {
+    return ffi::Error::InvalidArgument("quantize_rows: at most " + std::to_string(kMaxGroups) +
+                                       " groups per row");
+  }
+  if (m_rows == 0) return ffi::Error::Success();
+  const RowsArgs args{x.untyped_data(),          xq->typed_data(),
+                      scales->typed_data(),      group_sums->typed_data(),
+                      static_cast<int>(m_rows),  static_cast<int>(k),
+                      static_cast<int>(group_rows), static_cast<int>(groups)};
+  switch (x.element_type()) {
+    case ffi::F32: return launch_status(launch<float>(args, stream), "quantize_rows");
+    case ffi::BF16: return launch_status(launch<__nv_bfloat16>(args, stream), "quantize_rows");
+    case ffi::F16: return launch_status(launch<__half>(args, stream), "quantize_rows");
+    default: return ffi::Error::InvalidArgument("quantize_rows: x must be f32, bf16 or f16");
+  }
+}
+
+}  // namespace
+}  // namespace jax_lowbit
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitQuantizeRowsCuda, jax_lowbit::quantize_rows_impl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S8>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Attr<int64_t>("group_rows"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

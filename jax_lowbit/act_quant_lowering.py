@@ -1,0 +1,123 @@
+"""Platform lowerings of act_quant_matmul (W8A8, W4A8; docs/formats.md).
+
+CPU: one C++ handler quantizes x and computes the product
+(cc/cpu/act_quant_matmul.cc); x, scales and offsets cross as float32.
+CUDA: a pre-pass kernel quantizes x (cc/cuda/quantize_rows.cu), then
+ - the int8 tensor-core kernel (cc/cuda/act_quant_gemm.cu) reads the packed
+   codes in place: every M with groups (CTAs of 32 rows, each reading the
+   whole weight, so large M re-reads it M / 32 times), and M <= 32 with one
+   group;
+ - one group (group_size -1) and M > 32, or K not a multiple of 32: the
+   codes are widened to an int8 (K, N) matrix and int_matmul's integer dot
+   takes the product, the one-group epilogue follows in XLA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.interpreters import mlir
+
+from jax_lowbit import formats
+from jax_lowbit.act_quant_primitives import act_quant_matmul_p
+from jax_lowbit.int_ops import int_matmul
+from jax_lowbit.lowering import _attributes, _require_cuda
+from jax_lowbit.primitives import WeightFormat
+
+# Rows of x per CTA of the CUDA kernel (four 8-row MMA tiles).
+KERNEL_ROWS = 32
+# K rows of one kernel step (the k of mma.m16n8k32); N columns of one 16-byte load.
+KERNEL_K_MULTIPLE = 32
+KERNEL_N_MULTIPLE = 4
+
+
+def _groups(fmt: WeightFormat) -> int:
+    k = fmt.shape[0]
+    return k // formats.group_rows(fmt.group_size, k)
+
+
+def _act_quant_matmul_cpu(x, *weight, fmt: WeightFormat):
+    k, n = fmt.shape
+    codes, scales, offsets = fmt.split(weight)
+    scales = scales.astype(jnp.float32)
+    # The handler reads no offsets for symmetric weights; the slot holds the scales.
+    offsets = scales if offsets is None else offsets.astype(jnp.float32)
+    rows = x.reshape(math.prod(x.shape[:-1]), k).astype(jnp.float32)
+    y = jax.ffi.ffi_call("jax_lowbit_act_quant_matmul",
+                         jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(
+        rows, codes, scales, offsets, symmetric=fmt.symmetric, **_attributes(fmt))
+    return y.reshape(x.shape[:-1] + (n,)).astype(x.dtype)
+
+
+def _quantize_rows(rows, group_rows: int, groups: int):
+    """The CUDA pre-pass: xq (M, K) int8, s (M,) float32, t (G, M) int32."""
+    m, k = rows.shape
+    return jax.ffi.ffi_call("jax_lowbit_quantize_rows", (
+        jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32),
+        jax.ShapeDtypeStruct((groups, m), jnp.int32)))(rows, group_rows=np.int64(group_rows))
+
+
+def uses_gemm_kernel(fmt: WeightFormat, rows: int) -> bool:
+    """Whether a CUDA act_quant_matmul of ``rows`` rows runs the int8 tensor-core kernel."""
+    k = fmt.shape[0]
+    if k % KERNEL_K_MULTIPLE:  # only one group spans such a K: every group size is a multiple
+        return False
+    return _groups(fmt) > 1 or rows <= KERNEL_ROWS
+
+
+def _gemm_kernel(rows, weight, fmt: WeightFormat):
+    k, n = fmt.shape
+    codes, scales, offsets = fmt.split(weight)
+    # The kernel loads four columns at once: pad N (a copy of the weight, only
+    # for N not a multiple of 4). Padded columns have zero scales and are dropped.
+    pad = -n % KERNEL_N_MULTIPLE
+    if pad:
+        codes, scales = (jnp.pad(a, [(0, 0), (0, pad)]) for a in (codes, scales))
+        offsets = None if offsets is None else jnp.pad(offsets, [(0, 0), (0, pad)])
+    xq, s, t = _quantize_rows(rows, formats.group_rows(fmt.group_size, k), _groups(fmt))
+    # The kernel reads no offsets for symmetric weights; the slot holds the scales.
+    y = jax.ffi.ffi_call("jax_lowbit_act_quant_gemm",
+                         jax.ShapeDtypeStruct((rows.shape[0], n + pad), rows.dtype))(
+        xq, s, t, codes, scales, scales if offsets is None else offsets,
+        symmetric=fmt.symmetric, **_attributes(fmt))
+    return y[:, :n] if pad else y
+
+
+def _one_group_integer_dot(rows, weight, fmt: WeightFormat):
+    """One group: xq @ (codes - 2^(bits-1)) as one integer dot, then the spec's epilogue."""
+    k, _ = fmt.shape
+    codes, scales, offsets = fmt.split(weight)
+    xq, s, t = _quantize_rows(rows, k, 1)
+    zero = formats.symmetric_offset(fmt.bits)
+    q = (formats.unpack_codes(codes, fmt.bits).astype(jnp.int32) - zero).astype(jnp.int8)
+    p = int_matmul(xq, q)
+    scale = scales[0].astype(jnp.float32)
+    if fmt.symmetric:
+        term = p.astype(jnp.float32) * scale
+    else:
+        t = t[0][:, None]
+        term = ((p + zero * t).astype(jnp.float32) * scale
+                + t.astype(jnp.float32) * offsets[0].astype(jnp.float32))
+    return (term * s[:, None]).astype(rows.dtype)
+
+
+def _act_quant_matmul_cuda(x, *weight, fmt: WeightFormat):
+    _require_cuda()
+    k, n = fmt.shape
+    rows = x.reshape(math.prod(x.shape[:-1]), k)
+    if uses_gemm_kernel(fmt, rows.shape[0]):
+        y = _gemm_kernel(rows, weight, fmt)
+    else:
+        y = _one_group_integer_dot(rows, weight, fmt)
+    return y.reshape(x.shape[:-1] + (n,))
+
+
+mlir.register_lowering(act_quant_matmul_p,
+                       mlir.lower_fun(_act_quant_matmul_cpu, multiple_results=False),
+                       platform="cpu")
+mlir.register_lowering(act_quant_matmul_p,
+                       mlir.lower_fun(_act_quant_matmul_cuda, multiple_results=False),
+                       platform="cuda")

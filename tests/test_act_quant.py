@@ -1,0 +1,315 @@
+"""matmul(x, qw, act_bits=8) (W8A8 / W4A8): the spec's arithmetic, the float
+product's error bound, transforms, dispatch and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_lowbit
+from jax_lowbit import act_quant_lowering, formats
+from jax_lowbit.primitives import WeightFormat
+
+import act_quant_reference
+import spec_reference
+
+ON_CPU = jax.default_backend() == "cpu"
+
+
+def _weight(rng, k, n, bits, group_size, symmetric=True, scale_dtype=jnp.bfloat16):
+    """A random packed weight, codes uniform over the whole grid (built directly:
+    quantize's compile per format would dominate the run time)."""
+    groups = k // formats.group_rows(group_size, k)
+    codes = formats.pack_codes(jnp.asarray(rng.integers(0, 2**bits, size=(k, n)), jnp.uint32),
+                               bits)
+    scales = rng.uniform(0.5, 2.0, size=(groups, n)) / 2**bits
+    # An asymmetric grid's zero lies anywhere on it.
+    offsets = None if symmetric else jnp.asarray(
+        -scales * rng.uniform(0, 2**bits - 1, size=(groups, n)), scale_dtype)
+    return jax_lowbit.QuantizedWeight(codes, jnp.asarray(scales, scale_dtype), offsets, (k, n),
+                                      bits, group_size, symmetric)
+
+
+def _x(rng, shape, dtype):
+    """Heavy-tailed rows of different magnitudes, so per-row scales matter."""
+    x = rng.standard_t(4, size=shape) * rng.uniform(0.1, 10.0, size=shape[:-1] + (1,))
+    return jnp.asarray(x, dtype)
+
+
+def _act_matmul(x, qw):
+    return jax_lowbit.matmul(x, qw, act_bits=8)
+
+
+def _groups(qw):
+    return qw.shape[0] // formats.group_rows(qw.group_size, qw.shape[0])
+
+
+def check_against_spec(y, x, qw):
+    """CPU: the spec's bits. CUDA: the same but for the order of the float32 group sum."""
+    rows = np.asarray(x.astype(jnp.float32)).reshape(-1, qw.shape[0])
+    want, magnitude = act_quant_reference.matmul(rows, qw)
+    assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (qw.shape[1],)
+    got = np.asarray(y.astype(jnp.float32)).reshape(want.shape)
+    assert np.all(np.isfinite(got))
+    if ON_CPU:
+        expected = np.asarray(jnp.asarray(want).astype(x.dtype).astype(jnp.float32))
+        np.testing.assert_array_equal(got, expected)
+        return
+    # Order of the group sum (or an fma), then the product by s and the cast to x's dtype.
+    eps = float(jnp.finfo(x.dtype).eps)
+    bound = (2 * _groups(qw) * 2.0**-24 * magnitude + 2.0**-23 * np.abs(want)) * (1 + eps)
+    bound += eps * np.abs(want) + float(jnp.finfo(x.dtype).smallest_subnormal)
+    assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) - bound)
+
+
+FORMATS = [(bits, group_size, symmetric) for bits in (8, 4) for group_size in (32, 128, -1)
+           for symmetric in (True, False)]
+
+
+@pytest.mark.parametrize("bits, group_size, symmetric", FORMATS)
+def test_matches_spec_reference(bits, group_size, symmetric, rng):
+    qw = _weight(rng, 256, 40, bits, group_size, symmetric)
+    x = _x(rng, (5, 256), jnp.bfloat16)
+    check_against_spec(_act_matmul(x, qw), x, qw)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+@pytest.mark.parametrize("scale_dtype", [jnp.float32, jnp.float16])
+def test_matches_spec_reference_in_other_dtypes(dtype, scale_dtype, rng):
+    qw = _weight(rng, 256, 24, 4, 64, symmetric=False, scale_dtype=scale_dtype)
+    x = _x(rng, (2, 3, 256), dtype)
+    check_against_spec(_act_matmul(x, qw), x, qw)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 300])
+@pytest.mark.parametrize("bits, group_size", [(8, -1), (4, 128)])
+def test_error_against_float_product(m, bits, group_size, rng):
+    k, n = 512, 96
+    qw = _weight(rng, k, n, bits, group_size, symmetric=bool(m % 2))
+    x = _x(rng, (m, k), jnp.float32)
+    y = np.asarray(_act_matmul(x, qw), np.float64)
+    x64 = np.asarray(x, np.float64)
+    w = spec_reference.dequantize_weight(qw)
+    want = x64 @ w
+    # Rounding x to the grid moves each element by at most s / 2; the float32
+    # steps add a few ulps of the terms' size.
+    s = np.max(np.abs(x64), axis=1, keepdims=True) / 127
+    bound = s / 2 * np.sum(np.abs(w), axis=0) + 1e-5 * (np.abs(x64) @ np.abs(w))
+    err = np.abs(y - want)
+    assert np.all(err <= bound)
+    # And quantizing x does cost something: the error is not float rounding alone.
+    assert np.max(err) > 1e-4 * np.max(np.abs(want))
+
+
+def test_rounding_half_to_even_and_clip():
+    # s = 127 / 127 = 1, so x / s = x; an identity weight returns xq itself.
+    x = np.zeros((1, 32), np.float32)
+    x[0, :9] = [127, 0.5, 1.5, 2.5, -2.5, -0.5, 126.5, -127, 3.49]
+    codes = formats.pack_codes(jnp.asarray(np.eye(32, dtype=np.int64) + 128), 8)
+    qw = jax_lowbit.QuantizedWeight(codes, jnp.ones((1, 32), jnp.float32), None, (32, 32), 8,
+                                    -1, True)
+    y = np.asarray(_act_matmul(jnp.asarray(x), qw))
+    np.testing.assert_array_equal(y[0, :9], [127, 0, 2, 2, -2, -0.0, 126, -127, 3])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_zero_rows_give_zero(dtype, rng):
+    qw = _weight(rng, 128, 16, 4, 32, symmetric=False)
+    x = np.array(_x(rng, (4, 128), jnp.float32))
+    x[1] = 0
+    x[3] = 0
+    x[3, 7] = 1e-30  # one tiny value: its row quantizes to one nonzero element
+    x[2] *= 1e-37 / np.max(np.abs(x[2]))  # a subnormal scale: counts as an all-zero row
+    y = _act_matmul(jnp.asarray(x, dtype), qw)
+    assert np.all(np.isfinite(np.asarray(y.astype(jnp.float32))))
+    np.testing.assert_array_equal(np.asarray(y[1:3].astype(jnp.float32)), 0.0)
+    assert np.all(np.asarray(y[3].astype(jnp.float32)) != 0)
+    check_against_spec(y, jnp.asarray(x, dtype), qw)
+
+
+@pytest.mark.parametrize("shape", [(128,), (0, 128), (2, 0, 128), (2, 3, 128)])
+def test_leading_dims_are_rows(shape, rng):
+    qw = _weight(rng, 128, 8, 4, 64)
+    x = _x(rng, shape, jnp.bfloat16)
+    check_against_spec(_act_matmul(x, qw), x, qw)
+
+
+# --- transforms ----------------------------------------------------------------
+
+def test_jit_and_vmap_fold_rows_into_one_call(rng):
+    qw = _weight(rng, 128, 24, 8, -1)
+    x = _x(rng, (3, 4, 128), jnp.bfloat16)
+    f = jax.vmap(_act_matmul, in_axes=(1, None))
+    y = jax.jit(f)(x, qw)
+    np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                  np.asarray(_act_matmul(jnp.moveaxis(x, 1, 0), qw), np.float32))
+    names = [e.primitive.name for e in jax.make_jaxpr(f)(x, qw).jaxpr.eqns]
+    assert names.count("jax_lowbit_act_quant_matmul") == 1 and "scan" not in names
+
+
+def test_vmap_over_stacked_weights(rng):
+    qws = [_weight(rng, 128, 16, 4, 64, symmetric=False) for _ in range(3)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *qws)
+    x = _x(rng, (2, 128), jnp.float32)
+    y = jax.vmap(_act_matmul, in_axes=(None, 0))(x, stacked)
+    for i, qw in enumerate(qws):
+        np.testing.assert_array_equal(np.asarray(y[i]), np.asarray(_act_matmul(x, qw)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gradient_is_straight_through(dtype, rng):
+    qw = _weight(rng, 128, 40, 4, 32)
+    x = _x(rng, (2, 3, 128), dtype)
+    cot = jnp.asarray(rng.normal(size=(2, 3, 40)), jnp.float32)
+
+    def loss(a, act_bits):
+        return jnp.sum(jax_lowbit.matmul(a, qw, act_bits=act_bits).astype(jnp.float32) * cot)
+
+    g = jax.grad(loss)(x, 8)
+    assert g.dtype == x.dtype and g.shape == x.shape
+    # Bit for bit the weight-only product's gradient: y_bar @ dequantize(W)^T.
+    np.testing.assert_array_equal(np.asarray(g, np.float32),
+                                  np.asarray(jax.grad(loss)(x, None), np.float32))
+    want = np.asarray(cot, np.float64) @ spec_reference.dequantize_weight(qw).T
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=tol, atol=tol * 10)
+
+
+def test_jvp_is_the_weight_only_product(rng):
+    qw = _weight(rng, 128, 16, 8, 64)
+    x, t = _x(rng, (3, 128), jnp.float32), _x(rng, (3, 128), jnp.float32)
+    y, ty = jax.jvp(lambda a: _act_matmul(a, qw), (x,), (t,))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(_act_matmul(x, qw)))
+    np.testing.assert_array_equal(np.asarray(ty), np.asarray(jax_lowbit.matmul(t, qw)))
+
+
+def test_export_roundtrip(rng):
+    qw = _weight(rng, 256, 32, 4, 128, symmetric=False)
+    x = _x(rng, (4, 256), jnp.bfloat16)
+    exported = jax.export.export(jax.jit(_act_matmul),
+                                 disabled_checks=jax_lowbit.export_disabled_checks())(x, qw)
+    if ON_CPU:
+        assert "custom_call @jax_lowbit_act_quant_matmul" in exported.mlir_module()
+    restored = jax.export.deserialize(exported.serialize())
+    np.testing.assert_array_equal(np.asarray(restored.call(x, qw), np.float32),
+                                  np.asarray(_act_matmul(x, qw), np.float32))
+
+
+# --- which CUDA path runs (checked anywhere by exporting for CUDA) ------------------
+
+KERNEL, INTEGER_DOT = "int8 tensor-core kernel", "integer dot"
+
+
+@pytest.mark.skipif(not jax_lowbit.build_info()["cuda"], reason="built without CUDA")
+@pytest.mark.parametrize("m, k, n, bits, group_size, path", [
+    (1, 256, 64, 4, 128, KERNEL),
+    (32, 256, 64, 8, -1, KERNEL),
+    (33, 256, 64, 8, -1, INTEGER_DOT),
+    (300, 256, 64, 4, 32, KERNEL),
+    (4, 100, 64, 8, -1, INTEGER_DOT),  # K not a multiple of 32
+    (4, 256, 66, 4, 64, KERNEL),  # N padded to a multiple of 4
+])
+def test_cuda_dispatch(m, k, n, bits, group_size, path, rng):
+    qw = _weight(rng, k, n, bits, group_size)
+    assert act_quant_lowering.uses_gemm_kernel(
+        WeightFormat((k, n), bits, group_size, True), m) == (path == KERNEL)
+    exported = jax.export.export(jax.jit(_act_matmul), platforms=["cuda"],
+                                 disabled_checks=jax_lowbit.export_disabled_checks())(
+        jax.ShapeDtypeStruct((m, k), jnp.bfloat16), qw)
+    text = exported.mlir_module()
+    assert "custom_call @jax_lowbit_quantize_rows" in text
+    assert ("custom_call @jax_lowbit_act_quant_gemm" in text) == (path == KERNEL)
+
+
+# --- bad input -------------------------------------------------------------------
+
+@pytest.mark.parametrize("act_bits", [4, 16, 0, True, "8", 8.0])
+def test_unsupported_act_bits(act_bits, rng):
+    qw = _weight(rng, 128, 8, 8, -1)
+    with pytest.raises(ValueError, match="act_bits=.* is not supported; use act_bits=8"):
+        jax_lowbit.matmul(jnp.ones((2, 128)), qw, act_bits=act_bits)
+
+
+def test_numpy_integer_act_bits(rng):
+    qw = _weight(rng, 128, 8, 8, -1)
+    x = _x(rng, (2, 128), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(jax_lowbit.matmul(x, qw, act_bits=np.int64(8))),
+                                  np.asarray(_act_matmul(x, qw)))
+
+
+def test_int2_weights_are_refused(rng):
+    qw = _weight(rng, 128, 8, 2, 32)
+    with pytest.raises(ValueError, match="needs 4- or 8-bit weights .*got bits=2"):
+        jax.jit(_act_matmul)(jnp.ones((2, 128)), qw)
+
+
+@pytest.mark.parametrize("x, error, message", [
+    (jnp.ones((2, 128), jnp.int8), TypeError, "x must have dtype"),
+    (jnp.ones((2, 64)), ValueError, "last dimension must equal the weight's K=128"),
+    (jnp.float32(1), ValueError, "last dimension"),
+])
+def test_bad_x(x, error, message, rng):
+    qw = _weight(rng, 128, 8, 4, 64)
+    with pytest.raises(error, match=message):
+        _act_matmul(x, qw)
+    with pytest.raises(error, match=message):
+        jax.jit(_act_matmul)(x, qw)
+
+
+def test_not_a_quantized_weight():
+    with pytest.raises(TypeError, match="expected a QuantizedWeight"):
+        jax_lowbit.matmul(jnp.ones((2, 128)), jnp.ones((128, 8)), act_bits=8)
+
+
+# --- CUDA kernels (GPU only) ---------------------------------------------------------
+
+GPU_FORMATS = [(8, -1, True), (8, -1, False), (8, 256, True), (4, 128, True), (4, 128, False),
+               (4, 32, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 300])
+@pytest.mark.parametrize("bits, group_size, symmetric", GPU_FORMATS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_writes_every_element_and_matches_spec(m, bits, group_size, symmetric, dtype, rng):
+    from test_gpu import _poisoned
+
+    # K: 136 steps of 32 rows, so warps take several runs and end unevenly;
+    # N not a multiple of the CTA's 32 columns.
+    k, n = 4352, 200
+    qw = _weight(rng, k, n, bits, group_size, symmetric)
+    x = _x(rng, (m, k), dtype)
+    y, in_place = _poisoned(_act_matmul, (m, n), dtype, x, qw)
+    assert in_place, "XLA did not write the result into the poisoned buffer"
+    check_against_spec(y, x, qw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [5, 40])
+@pytest.mark.parametrize("x_dtype, scale_dtype", [
+    (jnp.float32, jnp.float32), (jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float16),
+    (jnp.float16, jnp.float32)])
+@pytest.mark.parametrize("n", [64, 66])  # 66: N padded to a multiple of 4
+def test_gpu_dtypes_and_padded_columns(m, x_dtype, scale_dtype, n, rng):
+    qw = _weight(rng, 512, n, 4, 64, symmetric=False, scale_dtype=scale_dtype)
+    x = _x(rng, (m, 512), x_dtype)
+    check_against_spec(jax.jit(_act_matmul)(x, qw), x, qw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [100, 4352])  # 100: not a multiple of 32, integer-dot path
+def test_gpu_one_group_small_k(k, rng):
+    qw = _weight(rng, k, 48, 8, -1, symmetric=False)
+    x = _x(rng, (7, k), jnp.bfloat16)
+    check_against_spec(jax.jit(_act_matmul)(x, qw), x, qw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, group_size", [(16, 128), (16, -1), (100, 128)])
+def test_gpu_repeated_runs_identical(m, group_size, rng):
+    qw = _weight(rng, 2048, 512, 4, group_size)
+    x = _x(rng, (m, 2048), jnp.bfloat16)
+    f = jax.jit(_act_matmul)
+    first = np.asarray(f(x, qw).astype(jnp.float32))
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(f(x, qw).astype(jnp.float32)), first)
