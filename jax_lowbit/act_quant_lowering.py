@@ -8,7 +8,7 @@ CUDA: a pre-pass kernel quantizes x (cc/cuda/quantize_rows.cu), then
    whole weight, so large M re-reads it M / 32 times), and M <= 32 with one
    group;
  - one group (group_size -1) and M > 32, or K not a multiple of 32: the
-   codes are widened to an int8 (K, N) matrix and int_matmul's integer dot
+   codes are widened to an int8 (K, N) matrix and XLA's integer dot
    takes the product, the one-group epilogue follows in XLA.
 """
 
@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import mlir
 
-from jax_lowbit import formats
+from jax_lowbit import formats, int_lowering
 from jax_lowbit.act_quant_primitives import act_quant_matmul_p
-from jax_lowbit.int_ops import int_matmul
 from jax_lowbit.lowering import _attributes, _require_cuda
 from jax_lowbit.primitives import WeightFormat
 
@@ -93,7 +92,7 @@ def _one_group_integer_dot(rows, weight, fmt: WeightFormat):
     xq, s, t = _quantize_rows(rows, k, 1)
     zero = formats.symmetric_offset(fmt.bits)
     q = (formats.unpack_codes(codes, fmt.bits).astype(jnp.int32) - zero).astype(jnp.int8)
-    p = int_matmul(xq, q)
+    p = int_lowering.xla_integer_dot(xq, q)
     scale = scales[0].astype(jnp.float32)
     if fmt.symmetric:
         term = p.astype(jnp.float32) * scale

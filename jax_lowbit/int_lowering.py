@@ -42,16 +42,24 @@ def _int_matmul_cpu(a, b, *scales, epilogue: IntEpilogue):
 XLA_INT_DOT_K_MULTIPLE = 32
 
 
-def _int_matmul_xla(a, b, *scales, epilogue: IntEpilogue):
-    # Pending: a fused CUDA kernel on int8 tensor cores (issue #5) replaces this.
+def xla_integer_dot(a, b):
+    """Exact int32 ``a @ b`` by XLA's own integer dot, for use inside lowerings.
+
+    Binding int_matmul_p there instead would nest its custom_partitioning in
+    another lowering, which has no devices to partition over.
+    """
     a, b = _as_int8(a), _as_int8(b)
     pad = -b.shape[0] % XLA_INT_DOT_K_MULTIPLE
     if pad:
         a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
         b = jnp.pad(b, [(0, pad), (0, 0)])
-    acc = jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())),
-                              preferred_element_type=jnp.int32)
-    return epilogue.apply(acc, scales)
+    return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.int32)
+
+
+def _int_matmul_xla(a, b, *scales, epilogue: IntEpilogue):
+    # Pending: a fused CUDA kernel on int8 tensor cores (issue #5) replaces this.
+    return epilogue.apply(xla_integer_dot(a, b), scales)
 
 
 def _register(fn, platform: str) -> None:
