@@ -10,6 +10,7 @@ from jax_lowbit.int_ops import int_matmul
 from jax_lowbit.ops import dequantize, matmul
 from jax_lowbit.quantize import quantize
 from jax_lowbit.quantized_weight import QuantizedWeight
+from jax_lowbit.sparsity import prune_2_4
 
 
 def export_disabled_checks():
@@ -35,6 +36,7 @@ __all__ = [
     "load_gptq",
     "load_hqq",
     "matmul",
+    "prune_2_4",
     "quantize",
 ]
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@
 #include "build_config.h"
 #include "cpu/handlers.h"
 #include "cpu/int_matmul.h"
+#include "cpu/sparse_handlers.h"
 #include "xla/ffi/api/c_api.h"
 
 namespace nb = nanobind;
@@ -23,6 +24,8 @@ NB_MODULE(_cpu, m) {
     targets["jax_lowbit_dequantize"] = as_capsule(LowbitDequantizeCpu);
     targets["jax_lowbit_matmul"] = as_capsule(LowbitMatmulCpu);
     targets["jax_lowbit_int_matmul"] = as_capsule(LowbitIntMatmulCpu);
+    targets["jax_lowbit_sparse_dequantize"] = as_capsule(LowbitSparseDequantizeCpu);
+    targets["jax_lowbit_sparse_matmul"] = as_capsule(LowbitSparseMatmulCpu);
     return targets;
   });
   m.def("build_info", []() {

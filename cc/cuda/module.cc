@@ -10,6 +10,10 @@ NB_MODULE(_cuda, m) {
     nb::dict targets;
     targets["jax_lowbit_dequantize"] = nb::capsule(reinterpret_cast<void*>(LowbitDequantizeCuda));
     targets["jax_lowbit_gemm_small_m"] = nb::capsule(reinterpret_cast<void*>(LowbitGemmSmallMCuda));
+    targets["jax_lowbit_sparse_dequantize"] =
+        nb::capsule(reinterpret_cast<void*>(LowbitSparseDequantizeCuda));
+    targets["jax_lowbit_sparse_gemm_small_m"] =
+        nb::capsule(reinterpret_cast<void*>(LowbitSparseGemmSmallMCuda));
     return targets;
   });
 }
