@@ -33,7 +33,9 @@ def quantize_params(params, *, bits: int, group_size: int = 128, symmetric: bool
     (e.g. "Dense_0"), or a predicate on that path. Kernels whose K does not fit
     the format stay float. Returns a new params tree.
     """
-    check_format_options(bits, group_size, quantize_kwargs.get("scale_dtype", "bfloat16"))
+    sparsity = quantize_kwargs.get("sparsity")
+    check_format_options(bits, group_size, quantize_kwargs.get("scale_dtype", "bfloat16"),
+                         sparsity)
     pattern = re.compile(where) if isinstance(where, str) else None
 
     def selected(path: str) -> bool:
@@ -45,7 +47,7 @@ def quantize_params(params, *, bits: int, group_size: int = 128, symmetric: bool
         if not isinstance(node, dict):
             return node
         if _is_dense_params(node) and selected(path):
-            if k_misfit(node["kernel"].shape[0], bits, group_size):
+            if k_misfit(node["kernel"].shape[0], bits, group_size, sparsity):
                 return dict(node)
             kernel = jax_lowbit.quantize(node["kernel"], bits, group_size,
                                          symmetric=symmetric, **quantize_kwargs)
