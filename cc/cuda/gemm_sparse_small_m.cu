@@ -40,6 +40,10 @@
 //    16 (t >> 1) + 2 (t & 1) + 8h + {0, 32, 4, 36} of the step's 64 rows of x:
 //    aligned pairs, one 32-bit load each. Every lane takes two of the four
 //    rows of each quad, so no wider load covers only its own activations.
+//  * Loads: the weight loads of kUnroll steps (2 with one M tile) and the x
+//    pairs of MMA 0 are issued before any MMA; the x pairs of MMA 1 follow
+//    MMA 0 (L1 hits, see the loop), which keeps every variant within its
+//    register budget without spills.
 // Requires N % 4 == 0 and K % 64 == 0 (the dispatcher checks; other shapes
 // take the dequantize + dot path), M <= 32.
 #include <cuda_bf16.h>
@@ -60,6 +64,9 @@ namespace {
 namespace ffi = xla::ffi;
 
 constexpr int kStepRows = kSparseKMultiple;  // rows of K per step: 4 code word rows
+// Metadata of a lane with nothing to load: a valid nibble in every position
+// (0b0000 and the other repeated rows are undefined behaviour for mma.sp).
+constexpr uint32_t kNoMetadata = 0x44444444u;
 
 // Loads the B registers of MMA kH of one step for every M tile: rows
 // 8 kH + {0, 32, 4, 36} from the lane's first row of x (see above). Rows of
@@ -144,8 +151,10 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
       const int64_t sidx = int64_t((word_row * kSparseRowsPerWord) >> group_shift) * n + col0;
       w[u] = ok ? load_streaming(reinterpret_cast<const uint4*>(codes + widx))
                 : make_uint4(0, 0, 0, 0);
+      // Out of range, the codes are 0 and the scales 0, so the weights are 0;
+      // their metadata must still be valid nibbles (0x4: rows 0, 1).
       e[u] = ok ? load_streaming(reinterpret_cast<const uint2*>(metadata + widx))
-                : make_uint2(0, 0);
+                : make_uint2(kNoMetadata, kNoMetadata);
       s[u] = ok ? __ldg(reinterpret_cast<const uint2*>(scales + sidx)) : make_uint2(0, 0);
       o[u] = (ok && !kSymmetric) ? __ldg(reinterpret_cast<const uint2*>(offsets + sidx))
                                  : make_uint2(0, 0);

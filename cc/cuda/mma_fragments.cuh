@@ -34,8 +34,8 @@ namespace jax_lowbit {
   static __device__ __forceinline__ void mma_sp(float (&c)[4], const uint32_t (&a)[4],    \
                                                 const uint32_t (&b)[4], uint32_t e) {     \
     asm volatile("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32." TYPE "."   \
-                 TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, "               \
-                 "{%0,%1,%2,%3}, %12, %13;\n"                                            \
+                 TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, "              \
+                 "{%0,%1,%2,%3}, %12, %13;\n"                                             \
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                         \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),      \
                    "r"(b[2]), "r"(b[3]), "r"(e), "n"(kSelector));                         \
