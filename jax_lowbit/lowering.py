@@ -76,7 +76,8 @@ def _dequantize_cuda(*weight, fmt: WeightFormat, dtype):
     return _dequantize_call(weight, fmt, dtype)
 
 
-SMALL_M_MAX_ROWS = 32
+SMALL_M_MAX_ROWS = 64
+SPARSE_SMALL_M_MAX_ROWS = 32  # 2:4 sparse weights: no mid-M kernel yet
 
 
 def uses_small_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> bool:
@@ -93,9 +94,10 @@ def uses_small_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> boo
     # A K step of the kernels: 4 code word rows (of 16 rows of K each for 2:4).
     k_step = (formats.SPARSE_K_MULTIPLE if fmt.sparsity
               else 4 * formats.codes_per_word(fmt.bits))
+    max_rows = SPARSE_SMALL_M_MAX_ROWS if fmt.sparsity else SMALL_M_MAX_ROWS
     return (fmt.bits in (2, 4)
             and dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and exact_scales
-            and 0 < rows <= SMALL_M_MAX_ROWS and n % 4 == 0 and n < 2**30 and k < 2**30
+            and 0 < rows <= max_rows and n % 4 == 0 and n < 2**30 and k < 2**30
             and k % k_step == 0)
 
 

@@ -24,7 +24,7 @@ def test_dequantize_kernel_writes_every_element(bits, group_size, symmetric, dty
     assert_kernel_dequantize(qw, dtype)
 
 
-@pytest.mark.parametrize("m", [16, 32, 64])  # fused kernel (16, 32 rows), dequantize + dot
+@pytest.mark.parametrize("m", [8, 16, 32, 64, 65])  # small-M (<= 32), mid-M kernels; dequantize + dot
 def test_repeated_runs_identical(m, rng):
     qw = jax_lowbit.quantize(rng.normal(size=(1024, 512)).astype(np.float32), 4, 128)
     x = jnp.asarray(rng.normal(size=(m, 1024)), jnp.bfloat16)
@@ -34,14 +34,16 @@ def test_repeated_runs_identical(m, rng):
         np.testing.assert_array_equal(np.asarray(f(x, qw).astype(jnp.float32)), first)
 
 
-@pytest.mark.parametrize("m", [1, 3, 9, 16, 17, 32])  # each M-tile count, partial tiles
+@pytest.mark.parametrize("m", [1, 3, 9, 16, 17, 32, 33, 64])  # each M-tile count, partial tiles
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("k", [512, 4224])  # 4224: several passes of each warp's loop
+# 4224: several passes of each warp's loop, a partial last 256-row stage and K
+# split across a cluster in the mid-M kernel
+@pytest.mark.parametrize("k", [512, 4224])
 def test_small_m_kernel_writes_every_element(m, bits, group_size, symmetric, dtype, k, rng):
-    n = 200  # N not a multiple of the CTA's 32 columns
+    n = 196  # not a multiple of a CTA's 32 or 128 columns; scale rows only 8-byte aligned
     qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, group_size,
                              symmetric=symmetric)
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)

@@ -302,10 +302,10 @@ def test_inconsistent_arrays_are_refused_at_trace_time(rng):
 def test_cuda_dispatch(rng):
     qw = _cached_sparse(256, 64)
     fused, dequantize = {"jax_lowbit_sparse_gemm_small_m"}, {"jax_lowbit_sparse_dequantize"}
-    for rows in (1, 16, lowering.SMALL_M_MAX_ROWS):
+    for rows in (1, 16, lowering.SPARSE_SMALL_M_MAX_ROWS):
         assert cuda_targets((rows, 256), jnp.bfloat16, qw) == fused
         assert cuda_targets((rows, 256), jnp.float16, qw) == fused
-    assert cuda_targets((lowering.SMALL_M_MAX_ROWS + 1, 256), jnp.bfloat16, qw) == dequantize
+    assert cuda_targets((lowering.SPARSE_SMALL_M_MAX_ROWS + 1, 256), jnp.bfloat16, qw) == dequantize
     assert cuda_targets((1, 256), jnp.float32, qw) == dequantize
     assert cuda_targets((1, 256), jnp.bfloat16, _sparse(rng, 256, 66)) == dequantize
     f32_scales = _sparse(rng, 256, 64, scale_dtype=jnp.float32)

@@ -30,13 +30,15 @@
 //  * Deterministic reduction: each warp writes its partial sums to shared
 //    memory and the CTA adds them in warp order, one M tile at a time.
 // Requires N % 4 == 0 and K % (4 * P) == 0 (the dispatcher checks; other
-// shapes take the dequantize + dot path), M <= 32.
+// shapes take the dequantize + dot path), M <= 32. The handler at the end
+// sends 33 to 64 rows to the mid-M kernel (gemm_mid_m.cu).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "cuda/gemm_args.h"
 #include "cuda/handlers.h"
 #include "cuda/mma_fragments.cuh"
 #include "cuda/small_m.cuh"
@@ -47,6 +49,9 @@ namespace jax_lowbit {
 namespace {
 
 namespace ffi = xla::ffi;
+
+// The mid-M kernel (gemm_mid_m.cu) takes 33 to 64 rows.
+constexpr int kMaxRows = 64;
 
 template <typename T, int kBits, int kMTiles, bool kSymmetric>
 __global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
@@ -132,23 +137,21 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
 
 // Launches the kernel for one activation type, M-tile count and symmetry.
 struct DenseGemmLaunch {
-  SmallMProblem p;
-  const uint32_t* codes;
-  int bits;
+  GemmArgs a;
   cudaStream_t stream;
 
   template <typename T, int kMTiles, bool kSymmetric>
   cudaError_t run() const {
-    return bits == 4 ? run_bits<T, 4, kMTiles, kSymmetric>()
-                     : run_bits<T, 2, kMTiles, kSymmetric>();
+    return a.bits == 4 ? run_bits<T, 4, kMTiles, kSymmetric>()
+                       : run_bits<T, 2, kMTiles, kSymmetric>();
   }
 
   template <typename T, int kBits, int kMTiles, bool kSymmetric>
   cudaError_t run_bits() const {
-    const int blocks = (p.n + kColumns - 1) / kColumns;
+    const int blocks = (a.n + kColumns - 1) / kColumns;
     gemm_small_m_kernel<T, kBits, kMTiles, kSymmetric><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const T*>(p.x), codes, static_cast<const T*>(p.scales),
-        static_cast<const T*>(p.offsets), static_cast<T*>(p.y), p.m, p.k, p.n, p.group_shift);
+        static_cast<const T*>(a.x), a.codes, static_cast<const T*>(a.scales),
+        static_cast<const T*>(a.offsets), static_cast<T*>(a.y), a.m, a.k, a.n, a.group_shift);
     return cudaGetLastError();
   }
 };
@@ -163,10 +166,18 @@ ffi::Error gemm_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
   if (error.failure()) return error;
   if (bits != 2 && bits != 4) return ffi::Error::InvalidArgument("gemm: bits must be 2 or 4");
   SmallMProblem p;
-  error = small_m_problem(x, scales, offsets, y, w, 4 * codes_per_word(w.bits), p);
+  error = small_m_problem(x, scales, offsets, y, w, 4 * codes_per_word(w.bits), kMaxRows, p);
   if (error.failure()) return error;
-  return launch_small_m(DenseGemmLaunch{p, codes.typed_data(), w.bits, stream}, p,
-                        x.element_type(), symmetric);
+  const GemmArgs args{p.x, codes.typed_data(), p.scales, p.offsets, p.y, p.m, p.k, p.n, w.bits,
+                      p.group_shift};
+  const auto dtype = x.element_type();
+  if (p.m <= kSmallMMaxRows) {
+    return launch_small_m(DenseGemmLaunch{args, stream}, p, dtype, symmetric);
+  }
+  if (p.n == 0) return ffi::Error::Success();
+  return launch_result(dtype == ffi::BF16
+                           ? launch_gemm_mid_m<__nv_bfloat16>(args, symmetric, stream)
+                           : launch_gemm_mid_m<__half>(args, symmetric, stream));
 }
 
 }  // namespace

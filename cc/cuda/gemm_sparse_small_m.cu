@@ -206,7 +206,7 @@ ffi::Error gemm_sparse_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x,
                           offsets.dimensions(), bits, group_size, w);
   if (error.failure()) return error;
   SmallMProblem p;
-  error = small_m_problem(x, scales, offsets, y, w, kStepRows, p);
+  error = small_m_problem(x, scales, offsets, y, w, kStepRows, kSmallMMaxRows, p);
   if (error.failure()) return error;
   return launch_small_m(SparseGemmLaunch{p, codes.typed_data(), metadata.typed_data(), stream},
                         p, x.element_type(), symmetric);

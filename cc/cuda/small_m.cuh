@@ -27,7 +27,7 @@ namespace ffi = xla::ffi;
 constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
 constexpr int kColumns = 32;
-constexpr int kMaxRows = 32;  // 4 M tiles of 8 rows (the MMA's N)
+constexpr int kSmallMMaxRows = 32;  // 4 M tiles of 8 rows (the MMA's N)
 
 // Up to 16 rows two CTAs share an SM, so one CTA's dequantize, MMAs and
 // reduction overlap the other's loads (with one, every SM idled its DRAM
@@ -95,10 +95,12 @@ struct SmallMProblem {
 };
 
 // The handler's checks on x, scales, offsets and y for the weight `w`;
-// `k_step` is the rows of K of one kernel step. Fills `p` or names what is wrong.
+// `k_step` is the rows of K of one kernel step, `max_rows` the most rows of x
+// the handler's kernels take. Fills `p` or names what is wrong.
 inline ffi::Error small_m_problem(ffi::AnyBuffer x, ffi::AnyBuffer scales,
                                   ffi::AnyBuffer offsets, ffi::Result<ffi::AnyBuffer> y,
-                                  const WeightShape& w, int64_t k_step, SmallMProblem& p) {
+                                  const WeightShape& w, int64_t k_step, int64_t max_rows,
+                                  SmallMProblem& p) {
   const auto dtype = x.element_type();
   if ((dtype != ffi::BF16 && dtype != ffi::F16) || scales.element_type() != dtype ||
       offsets.element_type() != dtype || y->element_type() != dtype) {
@@ -110,10 +112,11 @@ inline ffi::Error small_m_problem(ffi::AnyBuffer x, ffi::AnyBuffer scales,
       y_dims[1] != w.n) {
     return ffi::Error::InvalidArgument("gemm: x must be (M, K) and y (M, N)");
   }
-  if (x_dims[0] > kMaxRows || w.n % 4 != 0 || w.k % k_step != 0 || w.k > INT32_MAX / 2 ||
+  if (x_dims[0] > max_rows || w.n % 4 != 0 || w.k % k_step != 0 || w.k > INT32_MAX / 2 ||
       w.n > INT32_MAX / 2) {
-    return ffi::Error::InvalidArgument("gemm: needs M <= 32, N % 4 == 0 and K % " +
-                                       std::to_string(k_step) + " == 0");
+    return ffi::Error::InvalidArgument("gemm: needs M <= " + std::to_string(max_rows) +
+                                       ", N % 4 == 0 and K % " + std::to_string(k_step) +
+                                       " == 0");
   }
   // Groups are powers of two; one group spanning K has every row in group 0.
   int group_shift = 31;
@@ -122,6 +125,9 @@ inline ffi::Error small_m_problem(ffi::AnyBuffer x, ffi::AnyBuffer scales,
     while ((int64_t{1} << group_shift) < w.group_rows) ++group_shift;
     if ((int64_t{1} << group_shift) != w.group_rows) {
       return ffi::Error::InvalidArgument("gemm: group size must be a power of two");
+    }
+    if (w.group_rows < 32) {
+      return ffi::Error::InvalidArgument("gemm: groups must have at least 32 rows");
     }
   }
   p = SmallMProblem{x.untyped_data(), scales.untyped_data(), offsets.untyped_data(),
@@ -138,25 +144,27 @@ cudaError_t launch_tiles(const Launch& launch, int m) {
   return launch.template run<T, 4, kSymmetric>();
 }
 
-// Calls launch.run<T, kMTiles, kSymmetric>() for x's type and the problem's M
-// (nothing for an empty product) and turns a launch failure into an ffi::Error.
-template <typename Launch>
-ffi::Error launch_small_m(const Launch& launch, const SmallMProblem& p, ffi::DataType dtype,
-                          bool symmetric) {
-  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
-  cudaError_t err;
-  if (dtype == ffi::BF16) {
-    err = symmetric ? launch_tiles<__nv_bfloat16, true>(launch, p.m)
-                    : launch_tiles<__nv_bfloat16, false>(launch, p.m);
-  } else {
-    err = symmetric ? launch_tiles<__half, true>(launch, p.m)
-                    : launch_tiles<__half, false>(launch, p.m);
-  }
+// A kernel launch's error as the handler's ffi::Error.
+inline ffi::Error launch_result(cudaError_t err) {
   if (err != cudaSuccess) {
     return ffi::Error::Internal(std::string("gemm kernel launch failed: ") +
                                 cudaGetErrorString(err));
   }
   return ffi::Error::Success();
+}
+
+// Calls launch.run<T, kMTiles, kSymmetric>() for x's type and the problem's M
+// (at most kSmallMMaxRows; nothing for an empty product).
+template <typename Launch>
+ffi::Error launch_small_m(const Launch& launch, const SmallMProblem& p, ffi::DataType dtype,
+                          bool symmetric) {
+  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
+  if (dtype == ffi::BF16) {
+    return launch_result(symmetric ? launch_tiles<__nv_bfloat16, true>(launch, p.m)
+                                   : launch_tiles<__nv_bfloat16, false>(launch, p.m));
+  }
+  return launch_result(symmetric ? launch_tiles<__half, true>(launch, p.m)
+                                 : launch_tiles<__half, false>(launch, p.m));
 }
 
 }  // namespace jax_lowbit
