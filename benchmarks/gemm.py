@@ -1,10 +1,11 @@
 """Suite benchmark: the four linear layers of a Llama-3-8B block, two copies each.
 
 Times one pass over the four layers (µs) for bf16 jnp.dot, XLA's own int4 g128
-path and jax_lowbit's formats (weight-only; W8A8 and W4A8 with int8
-activations quantized per row, ``act_bits=8``; int_matmul of int8 activations
-and int8 weights to int32), all in one process, and reports the speedups and
-the fraction of the bytes-over-bandwidth floor (bandwidth measured here by a
+path and jax_lowbit's formats (weight-only dense int4/int2, and 2:4 sparse
+int4 of the same weights pruned; W8A8 and W4A8 with int8 activations
+quantized per row, ``act_bits=8``; int_matmul of int8 activations and int8
+weights to int32), all in one process, and reports the speedups and the
+fraction of the bytes-over-bandwidth floor (bandwidth measured here by a
 device-to-device copy). Usage:
 
     python benchmarks/gemm.py [--m 1 16 32 64 256 1024 4096] [--json out.json] [--plot out.png]
@@ -25,7 +26,8 @@ import jax_lowbit
 
 SUITE = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 COPIES = 2  # two copies of each layer, run in turn, so weights never sit in L2
-FORMATS = [(4, True), (4, False), (2, True), (2, False)]
+FORMATS = [(4, True, None), (4, False, None), (2, True, None), (2, False, None),
+           (4, True, "2:4")]  # (bits, symmetric, sparsity)
 GROUP = 128
 # Quantized activations (act_bits=8): name -> (weight bits, group size), symmetric.
 ACT_QUANT_FORMATS = {"w8a8 per-channel": (8, -1), f"w4a8 g{GROUP}": (4, GROUP)}
@@ -134,9 +136,10 @@ def main():
     weights["xla int4 g128"] = [
         (jnp.clip(jnp.round(w / 0.005), -8, 7).astype(jnp.int4),
          jnp.full((w.shape[0] // GROUP, w.shape[1]), 0.005, jnp.bfloat16)) for w in dense]
-    for bits, sym in FORMATS:
-        name = f"int{bits} g{GROUP} {'sym' if sym else 'asym'}"
-        weights[name] = [jax_lowbit.quantize(w, bits, GROUP, symmetric=sym) for w in dense]
+    for bits, sym, sparsity in FORMATS:
+        name = f"{sparsity + ' ' if sparsity else ''}int{bits} g{GROUP} {'sym' if sym else 'asym'}"
+        weights[name] = [jax_lowbit.quantize(w, bits, GROUP, symmetric=sym, sparsity=sparsity)
+                         for w in dense]
     for name, (bits, group) in ACT_QUANT_FORMATS.items():
         weights[name] = [jax_lowbit.quantize(w, bits, group) for w in dense]
     weights[INT_MATMUL] = [_as_int8(w, 0.005) for w in dense]
@@ -163,7 +166,7 @@ def main():
         for name in weights:
             if name in BASELINES:
                 continue
-            print(f"  {name:18s} {row[name]:9.1f} µs  x{base / row[name]:5.2f} vs bf16  "
+            print(f"  {name:20s} {row[name]:9.1f} µs  x{base / row[name]:5.2f} vs bf16  "
                   f"x{xla4 / row[name]:5.2f} vs xla int4  floor {floors[name] * 1e6 / row[name]:6.1%}")
 
     if args.json:

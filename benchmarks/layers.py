@@ -24,13 +24,14 @@ def main():
     matmul = jax.jit(jax_lowbit.matmul)
     for i, (k, n) in enumerate(SUITE):
         w = jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.float32) * 0.02
-        for bits, symmetric in FORMATS:
-            qw = jax_lowbit.quantize(w, bits, GROUP, symmetric=symmetric)
+        for bits, symmetric, sparsity in FORMATS:
+            qw = jax_lowbit.quantize(w, bits, GROUP, symmetric=symmetric, sparsity=sparsity)
             for m in args.m:
                 x = jax.random.normal(key, (m, k), jnp.bfloat16)
                 for _ in range(2):
                     matmul(x, qw).block_until_ready()
-                print(f"layer ({k}, {n}) int{bits} {'sym' if symmetric else 'asym'} M={m}: "
+                print(f"layer ({k}, {n}) {sparsity or 'dense'} int{bits} "
+                      f"{'sym' if symmetric else 'asym'} M={m}: "
                       f"{qw.nbytes / 1e6:.2f} MB", flush=True)
 
 

@@ -49,6 +49,22 @@ LOWBIT_HD float dequantize_code(uint32_t code, float scale, float offset) {
 #endif
 }
 
+// 2:4 sparse int4 (docs/formats.md): each quad of 4 rows of K keeps two codes,
+// rows 2q and 2q + 1 of a compressed code matrix packed like dense int4, and
+// their rows i0 < i1 in a nibble (i0 | i1 << 2) of the uint16 metadata.
+constexpr int kSparseBits = 4;
+constexpr int kQuadsPerSparseWord = 4;           // 8 kept codes
+constexpr int kSparseRowsPerWord = 4 * kQuadsPerSparseWord;
+constexpr int kSparseKMultiple = 4 * kSparseRowsPerWord;  // one block of metadata rows
+
+// Metadata row and nibble shift of quad q: q = 16 s + 4 j + t sits in row
+// 4 s + t at bit 4 j.
+LOWBIT_HD int64_t sparse_metadata_row(int64_t quad) { return 4 * (quad / 16) + quad % 4; }
+LOWBIT_HD int sparse_metadata_shift(int64_t quad) { return static_cast<int>(4 * ((quad / 4) % 4)); }
+
+// Row within its quad of kept code `which` (0: i0, 1: i1) of a metadata nibble.
+LOWBIT_HD int kept_row(uint32_t nibble, int which) { return (nibble >> (2 * which)) & 3; }
+
 }  // namespace jax_lowbit
 
 #endif  // JAX_LOWBIT_FORMAT_H_

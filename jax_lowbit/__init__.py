@@ -11,6 +11,7 @@ from jax_lowbit.ops import dequantize, matmul
 from jax_lowbit.quantize import quantize
 from jax_lowbit.quantized_weight import QuantizedWeight
 from jax_lowbit.sharding import matmul_partial_sums, shard_weight, weight_specs
+from jax_lowbit.sparsity import prune_2_4
 
 
 def export_disabled_checks():
@@ -37,6 +38,7 @@ __all__ = [
     "load_hqq",
     "matmul",
     "matmul_partial_sums",
+    "prune_2_4",
     "quantize",
     "shard_weight",
     "weight_specs",

@@ -15,10 +15,23 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, -1)
 SCALE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 ACTIVATION_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
+# 2:4 sparse int4 (docs/formats.md): two kept codes per quad of 4 rows of K.
+SPARSITY_PATTERNS = ("2:4",)
+SPARSE_BITS = 4
+# One block of metadata rows covers 4 code word rows of 16 rows of K each.
+SPARSE_K_MULTIPLE = 64
+
 
 def codes_per_word(bits: int) -> int:
     """Codes in one uint32 word: 16 for int2, 8 for int4, 4 for int8."""
     return 32 // bits
+
+
+def packed_rows(k: int, bits: int, sparsity=None) -> int:
+    """Rows of the ``codes`` array (and of ``metadata`` for 2:4): K / P, or K / (2P)
+    when only two codes of every four rows are stored."""
+    rows = k // codes_per_word(bits)
+    return rows // 2 if sparsity else rows
 
 
 def code_shift(j: int, bits: int) -> int:

@@ -3,9 +3,12 @@
 CPU: the C++ handlers take float32 scales, offsets, x and y; dtype
 conversions around the call are left to XLA, which fuses them.
 CUDA: matmul with int4/int2 codes, bf16/fp16 x and at most 32 rows runs the
-fused small-M kernel (cc/cuda/gemm_small_m.cu); everything else is the
-dequantize kernel followed by XLA's dot. The CPU and dequantize handlers compute ``code * scale + offset``; symmetric weights get their
-offset ``-2^(bits-1) * scale`` here.
+fused small-M kernel (cc/cuda/gemm_small_m.cu, or gemm_sparse_small_m.cu for
+2:4 sparse weights); everything else is the dequantize kernel followed by
+XLA's dot. 2:4 sparse weights have targets of their own ("jax_lowbit_sparse_*"),
+which also read the metadata. The CPU and dequantize handlers compute
+``code * scale + offset``; symmetric weights get their offset
+``-2^(bits-1) * scale`` here.
 """
 
 from __future__ import annotations
@@ -21,12 +24,22 @@ from jax_lowbit import _extension, formats, partitioning
 from jax_lowbit.primitives import WeightFormat, contract, dequantize_p, matmul_p
 
 
+def _target(fmt: WeightFormat, name: str) -> str:
+    """The FFI target ``name`` for the weight's format."""
+    return f"jax_lowbit_sparse_{name}" if fmt.sparsity else f"jax_lowbit_{name}"
+
+
+def _packed(codes, metadata) -> tuple:
+    """The packed arrays a handler reads: the codes, and the 2:4 metadata if any."""
+    return (codes,) if metadata is None else (codes, metadata)
+
+
 def _handler_operands(weight, fmt: WeightFormat):
-    codes, scales, offsets = fmt.split(weight)
+    codes, scales, offsets, metadata = fmt.split(weight)
     scales = scales.astype(jnp.float32)
     if offsets is None:
         offsets = -formats.symmetric_offset(fmt.bits) * scales
-    return codes, scales, offsets.astype(jnp.float32)
+    return (*_packed(codes, metadata), scales, offsets.astype(jnp.float32))
 
 
 def _attributes(fmt: WeightFormat) -> dict:
@@ -34,7 +47,7 @@ def _attributes(fmt: WeightFormat) -> dict:
 
 
 def _dequantize_call(weight, fmt: WeightFormat, dtype):
-    return jax.ffi.ffi_call("jax_lowbit_dequantize", jax.ShapeDtypeStruct(fmt.shape, dtype))(
+    return jax.ffi.ffi_call(_target(fmt, "dequantize"), jax.ShapeDtypeStruct(fmt.shape, dtype))(
         *_handler_operands(weight, fmt), **_attributes(fmt))
 
 
@@ -45,7 +58,7 @@ def _dequantize_cpu(*weight, fmt: WeightFormat, dtype):
 def _matmul_cpu(x, *weight, fmt: WeightFormat):
     k, n = fmt.shape
     rows = x.reshape(-1, k).astype(jnp.float32)
-    y = jax.ffi.ffi_call("jax_lowbit_matmul",
+    y = jax.ffi.ffi_call(_target(fmt, "matmul"),
                          jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(
         rows, *_handler_operands(weight, fmt), **_attributes(fmt))
     return y.reshape(x.shape[:-1] + (n,)).astype(x.dtype)
@@ -64,6 +77,7 @@ def _dequantize_cuda(*weight, fmt: WeightFormat, dtype):
 
 
 SMALL_M_MAX_ROWS = 64
+SPARSE_SMALL_M_MAX_ROWS = 32  # 2:4 sparse weights: no mid-M kernel yet
 
 
 def uses_small_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> bool:
@@ -77,25 +91,30 @@ def uses_small_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> boo
     dtype, scale_dtype = jnp.dtype(dtype), jnp.dtype(scale_dtype)
     exact_scales = scale_dtype == dtype or (
         scale_dtype == jnp.dtype(jnp.bfloat16) and dtype == jnp.dtype(jnp.float16))
+    # A K step of the kernels: 4 code word rows (of 16 rows of K each for 2:4).
+    k_step = (formats.SPARSE_K_MULTIPLE if fmt.sparsity
+              else 4 * formats.codes_per_word(fmt.bits))
+    max_rows = SPARSE_SMALL_M_MAX_ROWS if fmt.sparsity else SMALL_M_MAX_ROWS
     return (fmt.bits in (2, 4)
             and dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and exact_scales
-            and 0 < rows <= SMALL_M_MAX_ROWS and n % 4 == 0 and n < 2**30 and k < 2**30
-            and k % (4 * formats.codes_per_word(fmt.bits)) == 0)
+            and 0 < rows <= max_rows and n % 4 == 0 and n < 2**30 and k < 2**30
+            and k % k_step == 0)
 
 
 def _matmul_cuda(x, *weight, fmt: WeightFormat):
     _require_cuda()
     k, n = fmt.shape
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    codes, scales, offsets = fmt.split(weight)
+    codes, scales, offsets, metadata = fmt.split(weight)
     if not uses_small_m_kernel(fmt, x.dtype, scales.dtype, rows):
         return contract("...k,kn->...n", x, _dequantize_call(weight, fmt, x.dtype))
     scales = scales.astype(x.dtype)
     # The kernel reads no offsets for symmetric weights; the slot holds the scales.
     offsets = scales if offsets is None else offsets.astype(x.dtype)
-    y = jax.ffi.ffi_call("jax_lowbit_gemm_small_m", jax.ShapeDtypeStruct((rows, n), x.dtype))(
-        x.reshape(rows, k), codes, scales, offsets, symmetric=fmt.symmetric,
-        **_attributes(fmt))
+    y = jax.ffi.ffi_call(_target(fmt, "gemm_small_m"),
+                         jax.ShapeDtypeStruct((rows, n), x.dtype))(
+        x.reshape(rows, k), *_packed(codes, metadata), scales, offsets,
+        symmetric=fmt.symmetric, **_attributes(fmt))
     return y.reshape(x.shape[:-1] + (n,))
 
 

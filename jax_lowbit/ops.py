@@ -15,8 +15,12 @@ from jax_lowbit.validation import check_float_dtype
 def _operands(qw: QuantizedWeight, caller: str):
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"{caller}: expected a QuantizedWeight, got {type(qw).__name__}")
-    fmt = WeightFormat(tuple(qw.shape), qw.bits, qw.group_size, qw.symmetric)
-    operands = (qw.codes, qw.scales) + (() if qw.offsets is None else (qw.offsets,))
+    if (qw.sparsity is None) != (qw.metadata is None):
+        raise ValueError(f"{caller}: a QuantizedWeight has metadata exactly when it has a "
+                         f"sparsity, got sparsity={qw.sparsity!r} and metadata "
+                         f"{'None' if qw.metadata is None else 'given'}")
+    fmt = WeightFormat(tuple(qw.shape), qw.bits, qw.group_size, qw.symmetric, qw.sparsity)
+    operands = (qw.codes, qw.scales) + tuple(a for a in (qw.offsets, qw.metadata) if a is not None)
     return operands, fmt
 
 

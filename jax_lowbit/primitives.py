@@ -1,7 +1,7 @@
 """The JAX primitives: dequantize and matmul of a packed weight.
 
-Operands are ``(codes, scales[, offsets])`` (``x`` first for matmul), the format
-is the static ``fmt`` parameter. This module holds the shape rules, batching
+Operands are ``(codes, scales[, offsets][, metadata])`` (``x`` first for
+matmul), the format is the static ``fmt`` parameter. This module holds the shape rules, batching
 and differentiation; lowering.py holds the platform lowerings.
 """
 
@@ -27,11 +27,14 @@ class WeightFormat:
     bits: int
     group_size: int
     symmetric: bool
+    sparsity: str | None = None
 
     def split(self, weight_operands):
-        """(codes, scales, offsets or None) from the primitive's weight operands."""
+        """(codes, scales, offsets or None, metadata or None) from the primitive's weight
+        operands; the metadata of a sparse weight comes last."""
         codes, scales, *rest = weight_operands
-        return codes, scales, (rest[0] if rest else None)
+        metadata = rest.pop() if self.sparsity else None
+        return codes, scales, (rest[0] if rest else None), metadata
 
     def with_columns(self, n: int) -> "WeightFormat":
         return dataclasses.replace(self, shape=(self.shape[0], n))
@@ -44,9 +47,9 @@ matmul_p = core.Primitive("jax_lowbit_matmul")
 # --- shape rules -----------------------------------------------------------
 
 def _check_weight(weight_avals, fmt: WeightFormat) -> None:
-    codes, scales, offsets = fmt.split(weight_avals)
+    codes, scales, offsets, metadata = fmt.split(weight_avals)
     validation.check_packed_arrays(codes, scales, offsets, fmt.shape, fmt.bits,
-                                   fmt.group_size, fmt.symmetric)
+                                   fmt.group_size, fmt.symmetric, fmt.sparsity, metadata)
 
 
 def _dequantize_abstract_eval(*weight, fmt: WeightFormat, dtype):

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 from jax_lowbit import formats
 from jax_lowbit.hqq import optimize_zero_points
 from jax_lowbit.quantized_weight import QuantizedWeight
-from jax_lowbit.validation import check_weight_format
+from jax_lowbit.sparsity import compress_2_4
+from jax_lowbit.validation import as_weight_matrix, check_weight_format
 
 
 def _round_toward(value: jax.Array, dtype, direction: int) -> jax.Array:
@@ -45,7 +46,7 @@ METHODS = ("rtn", "hqq")
 
 def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
              scale_dtype=jnp.bfloat16, method: str = "rtn",
-             ternary: bool = False) -> QuantizedWeight:
+             ternary: bool = False, sparsity: str | None = None) -> QuantizedWeight:
     """Quantizes a (K, N) weight (Flax kernel layout) to ``bits``-bit codes.
 
     Groups of ``group_size`` consecutive rows of K (all of K for -1) share one
@@ -72,19 +73,19 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
         scale = mean |w| of the group, codes round(w / scale) clipped to
         [-1, 1]). Needs bits=2 and symmetric=True; stored as int2 symmetric
         codes 1..3, so every int2 kernel serves it.
+      sparsity: None (dense) or "2:4" (bits=4, K a multiple of 64): ``w`` is
+        pruned to its 2 largest magnitudes in every 4 consecutive rows of each
+        column (``prune_2_4``; a 2:4 ``w`` keeps all its nonzeros), and only
+        the kept values are quantized and stored, with their positions in
+        ``metadata``; scales and offsets are fitted to the kept values.
 
     Returns:
       A QuantizedWeight. Under ``jax.jit`` the check for NaN/Inf in ``w``
       cannot run; non-finite weights then give non-finite scales.
     """
-    if not hasattr(w, "shape") or not hasattr(w, "dtype"):
-        w = jnp.asarray(w)
-    if w.ndim != 2:
-        raise ValueError(f"quantize: w must be 2-D (K, N), got shape {tuple(w.shape)}")
-    if not jnp.issubdtype(w.dtype, jnp.floating):
-        raise TypeError(f"quantize: w must be a float array, got dtype {w.dtype}")
+    w = as_weight_matrix(w, "quantize")
     k, n = (int(d) for d in w.shape)
-    check_weight_format(k, bits, group_size, scale_dtype)
+    check_weight_format(k, bits, group_size, scale_dtype, sparsity)
     if method not in METHODS:
         raise ValueError(f"unsupported method={method!r}; supported: {METHODS}")
     if method == "hqq" and symmetric:
@@ -95,7 +96,11 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
         raise ValueError("quantize: w contains NaN or Inf")
 
     rows = formats.group_rows(group_size, k)
-    grouped = jnp.asarray(w, jnp.float32).reshape(k // rows, rows, n)
+    values, metadata = jnp.asarray(w, jnp.float32), None
+    if sparsity is not None:  # only the two kept values of every 4 rows are quantized
+        values, metadata = compress_2_4(values)
+        rows //= 2
+    grouped = values.reshape(-1, rows, n)
     if ternary:
         scales = jnp.mean(jnp.abs(grouped), axis=1).astype(scale_dtype)
         offsets_f32 = -formats.symmetric_offset(bits) * scales.astype(jnp.float32)
@@ -124,7 +129,7 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
     safe = jnp.where(scales_f32 == 0, 1.0, scales_f32)
     codes = jnp.round((grouped - offsets_f32[:, None, :]) / safe[:, None, :])
     lowest = 1 if ternary else 0  # ternary: codes 1, 2, 3 are -1, 0, +1
-    codes = jnp.clip(codes, lowest, (1 << bits) - 1).reshape(k, n)
+    codes = jnp.clip(codes, lowest, (1 << bits) - 1).reshape(values.shape)
 
     if not isinstance(scales, jax.core.Tracer):
         stored = [scales] if offsets is None else [scales, offsets]
@@ -140,4 +145,6 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
         bits=bits,
         group_size=group_size,
         symmetric=symmetric,
+        metadata=metadata,
+        sparsity=sparsity,
     )

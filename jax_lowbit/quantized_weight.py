@@ -18,12 +18,13 @@ from jax_lowbit import formats
 class QuantizedWeight:
     """A (K, N) weight stored as packed low-bit codes with per-group scales.
 
-    Arrays are pytree leaves; the format (shape, bits, group size, symmetry)
-    is static aux data, so a QuantizedWeight can be a ``jax.jit`` argument,
+    Arrays are pytree leaves; the format (shape, bits, group size, symmetry,
+    sparsity) is static aux data, so a QuantizedWeight can be a ``jax.jit`` argument,
     live in a Flax module and be saved with any pytree checkpointer.
 
     Attributes:
-      codes: uint32 (K / P, N), P = 32 // bits codes per word (docs/formats.md).
+      codes: uint32 (K / P, N), P = 32 // bits codes per word (docs/formats.md);
+        (K / 16, N) for 2:4 sparse weights, which store two codes per 4 rows.
       scales: (groups, N) in bfloat16, float16 or float32.
       offsets: (groups, N) like ``scales`` for asymmetric weights, None for
         symmetric ones. A weight dequantizes as ``code * scale + offset``
@@ -32,6 +33,9 @@ class QuantizedWeight:
       bits: 2, 4 or 8.
       group_size: rows of K per scale (32, 64, 128, 256) or -1 for all of K.
       symmetric: whether the grid is signed with no offset.
+      metadata: uint16 (K / 16, N), the rows of the kept codes of a 2:4 sparse
+        weight; None for dense ones.
+      sparsity: "2:4" for a 2:4 sparse weight (int4 only), None for dense ones.
     """
 
     codes: Any
@@ -41,19 +45,23 @@ class QuantizedWeight:
     bits: int
     group_size: int
     symmetric: bool
+    metadata: Any = None
+    sparsity: str | None = None
 
     def tree_flatten(self):
-        return (self.codes, self.scales, self.offsets), (
+        return (self.codes, self.scales, self.offsets, self.metadata), (
             self.shape,
             self.bits,
             self.group_size,
             self.symmetric,
+            self.sparsity,
         )
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         # No checks here: JAX rebuilds pytrees with placeholder leaves too.
-        return cls(*children, *aux)
+        codes, scales, offsets, metadata = children
+        return cls(codes, scales, offsets, *aux[:4], metadata, aux[4])
 
     @property
     def groups(self) -> int:
@@ -68,7 +76,8 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes of the packed arrays."""
-        leaves = [self.codes, self.scales] + ([] if self.offsets is None else [self.offsets])
+        leaves = [a for a in (self.codes, self.scales, self.offsets, self.metadata)
+                  if a is not None]
         return sum(int(leaf.size) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
@@ -79,6 +88,8 @@ class QuantizedWeight:
 
     def __repr__(self):
         kind = "symmetric" if self.symmetric else "asymmetric"
+        if self.sparsity is not None:
+            kind += f", sparsity={self.sparsity!r}"
         # Leaves may be placeholders (shapes, specs) in a tree_map'd copy.
         scales = (jnp.dtype(self.scales.dtype).name if hasattr(self.scales, "dtype")
                   else repr(self.scales))
@@ -87,10 +98,11 @@ class QuantizedWeight:
 
 
 # Lets jax.export serialize functions that take or return a QuantizedWeight.
+# Blobs written before sparsity existed have four entries.
 jax.export.register_pytree_node_serialization(
     QuantizedWeight,
     serialized_name="jax_lowbit.QuantizedWeight",
     serialize_auxdata=lambda aux: json.dumps(aux).encode(),
-    deserialize_auxdata=lambda data: (lambda s, b, g, sym: (tuple(s), b, g, sym))(
-        *json.loads(data)),
+    deserialize_auxdata=lambda data: (lambda s, b, g, sym, sparsity=None: (
+        tuple(s), b, g, sym, sparsity))(*json.loads(data)),
 )

@@ -11,10 +11,16 @@ def _dtype_names(dtypes) -> str:
     return ", ".join(jnp.dtype(d).name for d in dtypes)
 
 
-def check_format_options(bits, group_size, scale_dtype=jnp.bfloat16) -> None:
-    """Raises ValueError/TypeError unless bits, group_size and scale_dtype are supported."""
+def check_format_options(bits, group_size, scale_dtype=jnp.bfloat16, sparsity=None) -> None:
+    """Raises ValueError/TypeError unless bits, group_size, scale_dtype and sparsity are
+    supported."""
     if isinstance(bits, bool) or bits not in formats.SUPPORTED_BITS:
         raise ValueError(f"unsupported bits={bits!r}; supported: {formats.SUPPORTED_BITS}")
+    if sparsity is not None and sparsity not in formats.SPARSITY_PATTERNS:
+        raise ValueError(
+            f"unsupported sparsity={sparsity!r}; supported: None, {formats.SPARSITY_PATTERNS}")
+    if sparsity is not None and bits != formats.SPARSE_BITS:
+        raise ValueError(f"sparsity={sparsity!r} needs bits={formats.SPARSE_BITS}, got bits={bits}")
     if isinstance(group_size, bool) or group_size not in formats.SUPPORTED_GROUP_SIZES:
         raise ValueError(
             f"unsupported group_size={group_size!r}; supported: {formats.SUPPORTED_GROUP_SIZES}")
@@ -24,7 +30,7 @@ def check_format_options(bits, group_size, scale_dtype=jnp.bfloat16) -> None:
             f"supported: {_dtype_names(formats.SCALE_DTYPES)}")
 
 
-def k_misfit(k: int, bits: int, group_size: int) -> str | None:
+def k_misfit(k: int, bits: int, group_size: int, sparsity=None) -> str | None:
     """Why K rows cannot be packed in this (supported) format, or None if they can."""
     if k <= 0:
         return f"K={k}: the weight needs at least one row"
@@ -34,15 +40,30 @@ def k_misfit(k: int, bits: int, group_size: int) -> str | None:
     if k % per_word != 0:
         return (f"K={k} must be a multiple of {per_word} for {bits}-bit codes "
                 f"({per_word} codes per 32-bit word); pad K")
+    if sparsity is not None and k % formats.SPARSE_K_MULTIPLE != 0:
+        return (f"K={k} must be a multiple of {formats.SPARSE_K_MULTIPLE} for "
+                f"sparsity={sparsity!r} (one block of metadata rows); pad K")
     return None
 
 
-def check_weight_format(k: int, bits, group_size, scale_dtype) -> None:
-    """Raises ValueError/TypeError unless (K, bits, group_size, scale_dtype) is a valid format."""
-    check_format_options(bits, group_size, scale_dtype)
-    reason = k_misfit(k, bits, group_size)
+def check_weight_format(k: int, bits, group_size, scale_dtype, sparsity=None) -> None:
+    """Raises ValueError/TypeError unless (K, bits, group_size, scale_dtype, sparsity) is a
+    valid format."""
+    check_format_options(bits, group_size, scale_dtype, sparsity)
+    reason = k_misfit(k, bits, group_size, sparsity)
     if reason:
         raise ValueError(reason)
+
+
+def as_weight_matrix(w, caller: str):
+    """``w`` as an array, after checking that it is a 2-D float (K, N) matrix."""
+    if not hasattr(w, "shape") or not hasattr(w, "dtype"):
+        w = jnp.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"{caller}: w must be 2-D (K, N), got shape {tuple(w.shape)}")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"{caller}: w must be a float array, got dtype {w.dtype}")
+    return w
 
 
 def check_float_dtype(name: str, dtype) -> None:
@@ -52,15 +73,19 @@ def check_float_dtype(name: str, dtype) -> None:
             f"{name} must have dtype {_dtype_names(formats.ACTIVATION_DTYPES)}, got {jnp.dtype(dtype).name}")
 
 
-def check_packed_arrays(codes, scales, offsets, shape, bits, group_size, symmetric) -> None:
+def check_packed_arrays(codes, scales, offsets, shape, bits, group_size, symmetric,
+                        sparsity=None, metadata=None) -> None:
     """Raises unless the packed arrays have the shapes and dtypes their format implies."""
     k, n = shape
-    check_weight_format(k, bits, group_size, scales.dtype)
+    check_weight_format(k, bits, group_size, scales.dtype, sparsity)
     groups = k // formats.group_rows(group_size, k)
-    if codes.dtype != jnp.uint32 or tuple(codes.shape) != (k // formats.codes_per_word(bits), n):
+    packed = (formats.packed_rows(k, bits, sparsity), n)
+    if codes.dtype != jnp.uint32 or tuple(codes.shape) != packed:
         raise ValueError(
-            f"codes must be uint32 of shape {(k // formats.codes_per_word(bits), n)}, "
-            f"got {codes.dtype} {tuple(codes.shape)}")
+            f"codes must be uint32 of shape {packed}, got {codes.dtype} {tuple(codes.shape)}")
+    if sparsity is not None and (metadata.dtype != jnp.uint16 or tuple(metadata.shape) != packed):
+        raise ValueError(f"metadata must be uint16 of shape {packed}, "
+                         f"got {metadata.dtype} {tuple(metadata.shape)}")
     if tuple(scales.shape) != (groups, n):
         raise ValueError(f"scales must have shape {(groups, n)}, got {tuple(scales.shape)}")
     if symmetric != (offsets is None):

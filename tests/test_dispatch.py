@@ -1,6 +1,5 @@
 """Which CUDA kernel a matmul lowers to, checked on any machine by exporting for CUDA."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,18 +7,10 @@ import pytest
 import jax_lowbit
 from jax_lowbit import lowering
 
+from kernel_checks import cuda_targets
+
 pytestmark = pytest.mark.skipif(not jax_lowbit.build_info()["cuda"],
                                 reason="built without the CUDA extension")
-
-
-def _cuda_targets(x_shape, x_dtype, qw):
-    exported = jax.export.export(
-        jax.jit(jax_lowbit.matmul), platforms=["cuda"],
-        disabled_checks=jax_lowbit.export_disabled_checks())(
-            jax.ShapeDtypeStruct(x_shape, x_dtype), qw)
-    text = exported.mlir_module()
-    return {name for name in ("jax_lowbit_gemm_small_m", "jax_lowbit_dequantize")
-            if f"custom_call @{name}" in text}
 
 
 def _weight(rng, k=256, n=64, bits=4, group_size=128, scale_dtype=jnp.bfloat16):
@@ -35,7 +26,7 @@ DEQUANTIZE_THEN_DOT = {"jax_lowbit_dequantize"}
 @pytest.mark.parametrize("x_shape", [(1, 256), (16, 256), (32, 256), (256,), (2, 8, 256)])
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float16])
 def test_small_m_uses_fused_kernel(bits, x_shape, x_dtype, rng):
-    assert _cuda_targets(x_shape, x_dtype, _weight(rng, bits=bits)) == FUSED
+    assert cuda_targets(x_shape, x_dtype, _weight(rng, bits=bits)) == FUSED
 
 
 @pytest.mark.parametrize("case", [
@@ -58,4 +49,4 @@ def test_other_cases_dequantize_then_dot(case, rng):
     else:
         qw = _weight(rng, scale_dtype=jnp.float16)
     qw = qw if qw is not None else _weight(rng)
-    assert _cuda_targets(x_shape, x_dtype, qw) == DEQUANTIZE_THEN_DOT
+    assert cuda_targets(x_shape, x_dtype, qw) == DEQUANTIZE_THEN_DOT

@@ -95,6 +95,17 @@ def test_quantize_model_skips_layers_that_do_not_fit(rng):
     assert "skipped" in str(summary)
 
 
+def test_quantize_model_2_4_sparse(rng):
+    model = MLP(nnx.Rngs(0), widths=(96, 256, 256, 8))  # K=96: no whole block of 64 rows
+    model, summary = quantize_model(model, bits=4, group_size=32, sparsity="2:4", verbose=False,
+                                    return_summary=True)
+    assert isinstance(model.up, nnx.Linear) and "multiple of 64" in summary.skipped[0][1]
+    assert model.head.weight.sparsity == "2:4" and model.head.weight.metadata is not None
+    x = jnp.asarray(rng.normal(size=(3, 256)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(model.head(x)), _reference(model.head, x), rtol=1e-5,
+                               atol=1e-4)
+
+
 def test_quantized_weights_are_not_params(rng):
     model = quantize_model(MLP(nnx.Rngs(0)), bits=4, verbose=False)
     params = nnx.state(model, nnx.Param)
@@ -112,8 +123,8 @@ def test_quantize_model_bad_input():
         quantize_model(model, bits=3, verbose=False)
     with pytest.raises(ValueError, match="group_size"):
         quantize_model(model, bits=4, group_size=100, verbose=False)
-    with pytest.raises(NotImplementedError, match="2:4"):
-        quantize_model(model, bits=4, sparsity="2:4", verbose=False)
+    with pytest.raises(ValueError, match="needs bits=4"):
+        quantize_model(model, bits=2, sparsity="2:4", verbose=False)
     with pytest.raises(TypeError, match="where"):
         quantize_model(model, bits=4, where=42, verbose=False)
     with pytest.raises(TypeError, match="QuantizedWeight"):

@@ -8,23 +8,9 @@ import pytest
 import jax_lowbit
 
 import spec_reference
+from kernel_checks import assert_kernel_dequantize, assert_kernel_matmul
 
 pytestmark = pytest.mark.gpu
-
-
-def _poisoned(fn, shape, dtype, *args):
-    """Runs fn(*args) with its output in a donated NaN-filled buffer.
-
-    Returns (output, whether XLA wrote the output into the poisoned buffer).
-    """
-    poison = jnp.full(shape, jnp.nan, dtype)
-    pointer = poison.unsafe_buffer_pointer()
-    out = jax.jit(lambda p, *a: fn(*a), donate_argnums=0, keep_unused=True)(poison, *args)
-    return out, out.unsafe_buffer_pointer() == pointer
-
-
-def _poisoned_dequantize(qw, dtype):
-    return _poisoned(lambda q: q.dequantize(dtype), qw.shape, dtype, qw)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -35,13 +21,7 @@ def test_dequantize_kernel_writes_every_element(bits, group_size, symmetric, dty
     k, n = 512, 200  # N not a multiple of the block size
     qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, group_size,
                              symmetric=symmetric)
-    out, in_place = _poisoned_dequantize(qw, dtype)
-    assert in_place, "XLA did not write the kernel's output into the poisoned buffer"
-    got = np.asarray(out.astype(jnp.float32), np.float64)
-    assert np.all(np.isfinite(got)), "some elements were never written"
-    want = spec_reference.dequantize_weight(qw)
-    rtol = {jnp.float32: 1e-6, jnp.bfloat16: 2 ** -8, jnp.float16: 2 ** -11}[dtype]
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6)
+    assert_kernel_dequantize(qw, dtype)
 
 
 @pytest.mark.parametrize("m", [8, 16, 32, 64, 65])  # small-M (<= 32), mid-M kernels; dequantize + dot
@@ -67,17 +47,7 @@ def test_small_m_kernel_writes_every_element(m, bits, group_size, symmetric, dty
     qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, group_size,
                              symmetric=symmetric)
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)
-    y, in_place = _poisoned(jax_lowbit.matmul, (m, n), dtype, x, qw)
-    assert in_place, "XLA did not write the kernel's output into the poisoned buffer"
-    got = np.asarray(y.astype(jnp.float32), np.float64)
-    assert np.all(np.isfinite(got)), "some elements were never written"
-    # Reference: weights rounded to x's dtype (as the kernel does), f64 products.
-    w = np.asarray(jnp.asarray(spec_reference.dequantize_weight(qw), dtype).astype(jnp.float32),
-                   np.float64)
-    x64 = np.asarray(x.astype(jnp.float32), np.float64)
-    want = x64 @ w
-    tol = (2 ** -7 if dtype == jnp.bfloat16 else 2 ** -10) * (np.abs(x64) @ np.abs(w)) + 1e-3
-    assert np.all(np.abs(got - want) <= tol)
+    assert_kernel_matmul(x, qw)
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 300, 4096])

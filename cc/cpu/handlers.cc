@@ -3,11 +3,9 @@
 // lowering converts other dtypes around the call.
 #include "cpu/handlers.h"
 
-#include <algorithm>
 #include <cstdint>
-#include <thread>
-#include <vector>
 
+#include "cpu/panel_matmul.h"
 #include "format.h"
 #include "weight_shape.h"
 
@@ -37,36 +35,6 @@ void dequantize_columns(const uint32_t* codes, const float* scales, const float*
   }
 }
 
-// Columns per panel: the dequantized (K, 64) panel stays in L2 while every row
-// of x streams over it, and a 64-float accumulator row stays in registers.
-constexpr int64_t kPanelColumns = 64;
-
-void matmul_panel(const float* x, const uint32_t* codes, const float* scales,
-                  const float* offsets, const WeightShape& w, int64_t m_rows, int64_t n0,
-                  std::vector<float>& panel, float* y) {
-  const int64_t width = std::min(kPanelColumns, w.n - n0);
-  panel.resize(static_cast<size_t>(w.k * kPanelColumns));
-  dequantize_columns(codes, scales, offsets, w, n0, width, panel.data(), kPanelColumns);
-  for (int64_t m = 0; m < m_rows; ++m) {
-    float acc[kPanelColumns] = {};
-    const float* x_row = x + m * w.k;
-    for (int64_t k = 0; k < w.k; ++k) {
-      const float xv = x_row[k];
-      const float* p = panel.data() + k * kPanelColumns;
-      for (int64_t c = 0; c < kPanelColumns; ++c) acc[c] += xv * p[c];
-    }
-    std::copy(acc, acc + width, y + m * w.n + n0);
-  }
-}
-
-// Threads only pay off when each gets a few million multiply-adds.
-int thread_count(int64_t m_rows, const WeightShape& w, int64_t panels) {
-  const int64_t work = m_rows * w.k * w.n;
-  const int64_t by_work = std::max<int64_t>(1, work / (int64_t{1} << 22));
-  const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
-  return static_cast<int>(std::min({by_work, hw, panels}));
-}
-
 ffi::Error dequantize_impl(ffi::Buffer<ffi::U32> codes, ffi::Buffer<ffi::F32> scales,
                            ffi::Buffer<ffi::F32> offsets, ffi::ResultBuffer<ffi::F32> out,
                            int32_t bits, int64_t group_size) {
@@ -87,30 +55,14 @@ ffi::Error matmul_impl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> codes,
   ffi::Error shape_error = weight_shape(codes.dimensions(), scales.dimensions(),
                                         offsets.dimensions(), bits, group_size, w);
   if (shape_error.failure()) return shape_error;
-  auto x_dims = x.dimensions();
-  auto y_dims = y->dimensions();
-  if (x_dims.size() != 2 || x_dims[1] != w.k) {
-    return ffi::Error::InvalidArgument("matmul: x must have shape (M, K) with K=" +
-                                       std::to_string(w.k));
-  }
-  const int64_t m_rows = x_dims[0];
-  if (y_dims.size() != 2 || y_dims[0] != m_rows || y_dims[1] != w.n) {
-    return ffi::Error::InvalidArgument("matmul: y must have shape (M, N)");
-  }
-  const int64_t panels = (w.n + kPanelColumns - 1) / kPanelColumns;
-  const int threads = thread_count(m_rows, w, panels);
-  auto run = [&](int t) {
-    std::vector<float> panel;
-    for (int64_t p = t; p < panels; p += threads) {
-      matmul_panel(x.typed_data(), codes.typed_data(), scales.typed_data(),
-                   offsets.typed_data(), w, m_rows, p * kPanelColumns, panel,
-                   y->typed_data());
-    }
-  };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(run, t);
-  run(0);
-  for (auto& th : pool) th.join();
+  int64_t m_rows;
+  shape_error = matmul_shape(x.dimensions(), y->dimensions(), w.k, w.n, m_rows);
+  if (shape_error.failure()) return shape_error;
+  panel_matmul(x.typed_data(), m_rows, w.k, w.n, y->typed_data(),
+               [&](int64_t n0, int64_t width, float* out, int64_t out_stride) {
+                 dequantize_columns(codes.typed_data(), scales.typed_data(),
+                                    offsets.typed_data(), w, n0, width, out, out_stride);
+               });
   return ffi::Error::Success();
 }
 

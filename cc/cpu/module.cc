@@ -5,6 +5,7 @@
 #include "cpu/act_quant_matmul.h"
 #include "cpu/handlers.h"
 #include "cpu/int_matmul.h"
+#include "cpu/sparse_handlers.h"
 #include "xla/ffi/api/c_api.h"
 
 namespace nb = nanobind;
@@ -25,6 +26,8 @@ NB_MODULE(_cpu, m) {
     targets["jax_lowbit_matmul"] = as_capsule(LowbitMatmulCpu);
     targets["jax_lowbit_int_matmul"] = as_capsule(LowbitIntMatmulCpu);
     targets["jax_lowbit_act_quant_matmul"] = as_capsule(LowbitActQuantMatmulCpu);
+    targets["jax_lowbit_sparse_dequantize"] = as_capsule(LowbitSparseDequantizeCpu);
+    targets["jax_lowbit_sparse_matmul"] = as_capsule(LowbitSparseMatmulCpu);
     return targets;
   });
   m.def("build_info", []() {

@@ -6,11 +6,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <string>
 
 #include "cuda/convert.cuh"
+#include "cuda/dequantize_launch.cuh"
 #include "cuda/handlers.h"
 #include "format.h"
 #include "weight_shape.h"
@@ -42,29 +41,32 @@ __global__ void dequantize_kernel(const uint32_t* __restrict__ codes,
   }
 }
 
-template <typename T>
-cudaError_t launch(int bits, const uint32_t* codes, const float* scales, const float* offsets,
-                   const WeightShape& w, void* out, cudaStream_t stream) {
-  const int64_t words = (w.k / codes_per_word(bits)) * w.n;
-  if (words == 0) return cudaSuccess;
-  constexpr int kThreads = 256;
-  const int64_t blocks = std::min<int64_t>((words + kThreads - 1) / kThreads, 65535 * 8);
-  T* typed_out = static_cast<T*>(out);
-  switch (bits) {
-    case 2:
-      dequantize_kernel<T, 2><<<blocks, kThreads, 0, stream>>>(codes, scales, offsets, w.n,
-                                                               w.group_rows, words, typed_out);
-      break;
-    case 4:
-      dequantize_kernel<T, 4><<<blocks, kThreads, 0, stream>>>(codes, scales, offsets, w.n,
-                                                               w.group_rows, words, typed_out);
-      break;
-    default:
-      dequantize_kernel<T, 8><<<blocks, kThreads, 0, stream>>>(codes, scales, offsets, w.n,
-                                                               w.group_rows, words, typed_out);
+// Launches the kernel for one output type.
+struct DequantizeLaunch {
+  DequantizeArgs a;
+
+  template <typename T>
+  cudaError_t run() const {
+    const int64_t words = (a.w.k / codes_per_word(a.w.bits)) * a.w.n;
+    if (words == 0) return cudaSuccess;
+    const int64_t blocks = dequantize_blocks(words);
+    T* out = static_cast<T*>(a.out);
+    switch (a.w.bits) {
+      case 2:
+        dequantize_kernel<T, 2><<<blocks, kDequantizeThreads, 0, a.stream>>>(
+            a.codes, a.scales, a.offsets, a.w.n, a.w.group_rows, words, out);
+        break;
+      case 4:
+        dequantize_kernel<T, 4><<<blocks, kDequantizeThreads, 0, a.stream>>>(
+            a.codes, a.scales, a.offsets, a.w.n, a.w.group_rows, words, out);
+        break;
+      default:
+        dequantize_kernel<T, 8><<<blocks, kDequantizeThreads, 0, a.stream>>>(
+            a.codes, a.scales, a.offsets, a.w.n, a.w.group_rows, words, out);
+    }
+    return cudaGetLastError();
   }
-  return cudaGetLastError();
-}
+};
 
 ffi::Error dequantize_impl(cudaStream_t stream, ffi::Buffer<ffi::U32> codes,
                            ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> offsets,
@@ -74,28 +76,9 @@ ffi::Error dequantize_impl(cudaStream_t stream, ffi::Buffer<ffi::U32> codes,
                                             offsets.dimensions(), out->dimensions(), bits,
                                             group_size, w);
   if (shape_error.failure()) return shape_error;
-  cudaError_t err;
-  switch (out->element_type()) {
-    case ffi::F32:
-      err = launch<float>(bits, codes.typed_data(), scales.typed_data(), offsets.typed_data(), w,
-                          out->untyped_data(), stream);
-      break;
-    case ffi::BF16:
-      err = launch<__nv_bfloat16>(bits, codes.typed_data(), scales.typed_data(),
-                                  offsets.typed_data(), w, out->untyped_data(), stream);
-      break;
-    case ffi::F16:
-      err = launch<__half>(bits, codes.typed_data(), scales.typed_data(), offsets.typed_data(),
-                           w, out->untyped_data(), stream);
-      break;
-    default:
-      return ffi::Error::InvalidArgument("dequantize: output dtype must be f32, bf16 or f16");
-  }
-  if (err != cudaSuccess) {
-    return ffi::Error::Internal(std::string("dequantize kernel launch failed: ") +
-                                cudaGetErrorString(err));
-  }
-  return ffi::Error::Success();
+  const DequantizeArgs args{codes.typed_data(), scales.typed_data(), offsets.typed_data(), w,
+                            out->untyped_data(), stream};
+  return launch_dequantize(out->element_type(), DequantizeLaunch{args});
 }
 
 }  // namespace

@@ -37,13 +37,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <string>
 
-#include "cuda/convert.cuh"
 #include "cuda/gemm_args.h"
 #include "cuda/handlers.h"
-#include "cuda/m_tiles.cuh"
 #include "cuda/mma_fragments.cuh"
+#include "cuda/small_m.cuh"
 #include "format.h"
 #include "weight_shape.h"
 
@@ -52,20 +50,8 @@ namespace {
 
 namespace ffi = xla::ffi;
 
-constexpr int kWarps = 16;
-constexpr int kThreads = kWarps * 32;
-constexpr int kColumns = 32;  // output columns per CTA
-
-constexpr int kSmallMMaxRows = 32;  // this file's kernel
-constexpr int kMaxRows = 64;        // with the mid-M kernel (gemm_mid_m.cu)
-
-
-
-// Up to 16 rows two CTAs share an SM, so one CTA's dequantize, MMAs and
-// reduction overlap the other's loads (with one, every SM idled its DRAM
-// queue between CTAs). 17 to 32 rows need one CTA's 128 registers a lane.
-template <int kMTiles>
-constexpr int kCtasPerSm = kMTiles <= 2 ? 2 : 1;
+// The mid-M kernel (gemm_mid_m.cu) takes 33 to 64 rows.
+constexpr int kMaxRows = 64;
 
 template <typename T, int kBits, int kMTiles, bool kSymmetric>
 __global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
@@ -73,7 +59,6 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
                         const T* __restrict__ scales, const T* __restrict__ offsets,
                         T* __restrict__ y, int m_rows, int k, int n, int group_shift) {
   using Act = Activation<T>;
-  using Pair = typename Act::Pair;
   using Dq = Dequantizer<T, kBits, kSymmetric>;
   constexpr int kPerWord = codes_per_word(kBits);
   constexpr int kHalves = kPerWord / 4;          // MMA k16 steps per word
@@ -128,22 +113,16 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      // Per-column scale and offset, each broadcast to both lanes of a pair.
-      const uint32_t scale[4] = {broadcast_low(s[u].x), broadcast_high(s[u].x),
-                                 broadcast_low(s[u].y), broadcast_high(s[u].y)};
-      const uint32_t offset[4] = {broadcast_low(o[u].x), broadcast_high(o[u].x),
-                                  broadcast_low(o[u].y), broadcast_high(o[u].y)};
+      uint32_t scale[4], offset[4];
+      broadcast_columns(s[u], scale);
+      broadcast_columns(o[u], offset);
       const uint32_t word[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
 #pragma unroll
       for (int p = 0; p < 2; ++p) {
-        const int ca = 2 * p, cb = 2 * p + 1;  // MMA rows g and g + 8
 #pragma unroll
         for (int h = 0; h < kHalves; ++h) {
-          const uint32_t a[4] = {
-              Dq::pair(word[ca], 2 * h, as_pair<Pair>(scale[ca]), as_pair<Pair>(offset[ca])),
-              Dq::pair(word[cb], 2 * h, as_pair<Pair>(scale[cb]), as_pair<Pair>(offset[cb])),
-              Dq::pair(word[ca], 2 * h + 1, as_pair<Pair>(scale[ca]), as_pair<Pair>(offset[ca])),
-              Dq::pair(word[cb], 2 * h + 1, as_pair<Pair>(scale[cb]), as_pair<Pair>(offset[cb]))};
+          uint32_t a[4];
+          Dq::fragment(a, word, scale, offset, p, h);
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) {
             Act::mma(acc[mt][p], a, xv[u][mt][2 * h], xv[u][mt][2 * h + 1]);
@@ -153,119 +132,52 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
     }
   }
 
-  // Deterministic split-K: partial sums of every warp, added in warp order,
-  // one M tile (8 rows) at a time to keep shared memory at 16 KB.
-  __shared__ float partial[kWarps][8][kColumns];
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-    for (int p = 0; p < 2; ++p) {
-      const int c = 4 * g + 2 * p;  // accumulator rows g, g + 8 -> columns c, c + 1
-      const int r = 2 * t;          // accumulator columns 2t, 2t + 1 -> rows r, r + 1
-      partial[warp][r][c] = acc[mt][p][0];
-      partial[warp][r + 1][c] = acc[mt][p][1];
-      partial[warp][r][c + 1] = acc[mt][p][2];
-      partial[warp][r + 1][c + 1] = acc[mt][p][3];
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < 8 * kColumns; i += kThreads) {
-      const int m = mt * 8 + i / kColumns;
-      const int col = strip + i % kColumns;
-      if (m < m_rows && col < n) {
-        float sum = 0.f;
-#pragma unroll
-        for (int wi = 0; wi < kWarps; ++wi) sum += partial[wi][i / kColumns][i % kColumns];
-        y[int64_t(m) * n + col] = from_float<T>(sum);
-      }
-    }
-    __syncthreads();
+  reduce_and_store<T, kMTiles>(acc, y, m_rows, n, strip);
+}
+
+// Launches the kernel for one activation type, M-tile count and symmetry.
+struct DenseGemmLaunch {
+  GemmArgs a;
+  cudaStream_t stream;
+
+  template <typename T, int kMTiles, bool kSymmetric>
+  cudaError_t run() const {
+    return a.bits == 4 ? run_bits<T, 4, kMTiles, kSymmetric>()
+                       : run_bits<T, 2, kMTiles, kSymmetric>();
   }
-}
 
-template <typename T, int kBits, int kMTiles, bool kSymmetric>
-cudaError_t launch_gemm(const GemmArgs& args, cudaStream_t stream) {
-  const int blocks = (args.n + kColumns - 1) / kColumns;
-  gemm_small_m_kernel<T, kBits, kMTiles, kSymmetric><<<blocks, kThreads, 0, stream>>>(
-      static_cast<const T*>(args.x), args.codes, static_cast<const T*>(args.scales),
-      static_cast<const T*>(args.offsets), static_cast<T*>(args.y), args.m, args.k, args.n,
-      args.group_shift);
-  return cudaGetLastError();
-}
-
-template <typename T, int kBits, int kMTiles>
-cudaError_t launch_symmetry(const GemmArgs& args, bool symmetric, cudaStream_t stream) {
-  return symmetric ? launch_gemm<T, kBits, kMTiles, true>(args, stream)
-                   : launch_gemm<T, kBits, kMTiles, false>(args, stream);
-}
-
-template <typename T, int kBits>
-cudaError_t dispatch_tiles(const GemmArgs& args, bool symmetric, cudaStream_t stream) {
-  return with_m_tiles(args.m, [&](auto tiles) {
-    return launch_symmetry<T, kBits, decltype(tiles)::value>(args, symmetric, stream);
-  });
-}
-
-template <typename T>
-cudaError_t dispatch_bits(const GemmArgs& args, bool symmetric, cudaStream_t stream) {
-  return args.bits == 4 ? dispatch_tiles<T, 4>(args, symmetric, stream)
-                        : dispatch_tiles<T, 2>(args, symmetric, stream);
-}
+  template <typename T, int kBits, int kMTiles, bool kSymmetric>
+  cudaError_t run_bits() const {
+    const int blocks = (a.n + kColumns - 1) / kColumns;
+    gemm_small_m_kernel<T, kBits, kMTiles, kSymmetric><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const T*>(a.x), a.codes, static_cast<const T*>(a.scales),
+        static_cast<const T*>(a.offsets), static_cast<T*>(a.y), a.m, a.k, a.n, a.group_shift);
+    return cudaGetLastError();
+  }
+};
 
 ffi::Error gemm_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> codes,
                              ffi::AnyBuffer scales, ffi::AnyBuffer offsets,
                              ffi::Result<ffi::AnyBuffer> y, int32_t bits, int64_t group_size,
                              bool symmetric) {
   WeightShape w;
-  ffi::Error shape_error = weight_shape(codes.dimensions(), scales.dimensions(),
-                                        offsets.dimensions(), bits, group_size, w);
-  if (shape_error.failure()) return shape_error;
-  const auto dtype = x.element_type();
-  if ((dtype != ffi::BF16 && dtype != ffi::F16) || scales.element_type() != dtype ||
-      offsets.element_type() != dtype || y->element_type() != dtype) {
-    return ffi::Error::InvalidArgument("gemm: x, scales, offsets and y must share bf16 or f16");
-  }
+  ffi::Error error = weight_shape(codes.dimensions(), scales.dimensions(),
+                                  offsets.dimensions(), bits, group_size, w);
+  if (error.failure()) return error;
   if (bits != 2 && bits != 4) return ffi::Error::InvalidArgument("gemm: bits must be 2 or 4");
-  auto x_dims = x.dimensions();
-  auto y_dims = y->dimensions();
-  if (x_dims.size() != 2 || x_dims[1] != w.k || y_dims.size() != 2 || y_dims[0] != x_dims[0] ||
-      y_dims[1] != w.n) {
-    return ffi::Error::InvalidArgument("gemm: x must be (M, K) and y (M, N)");
+  SmallMProblem p;
+  error = small_m_problem(x, scales, offsets, y, w, 4 * codes_per_word(w.bits), kMaxRows, p);
+  if (error.failure()) return error;
+  const GemmArgs args{p.x, codes.typed_data(), p.scales, p.offsets, p.y, p.m, p.k, p.n, w.bits,
+                      p.group_shift};
+  const auto dtype = x.element_type();
+  if (p.m <= kSmallMMaxRows) {
+    return launch_small_m(DenseGemmLaunch{args, stream}, p, dtype, symmetric);
   }
-  const int per_word = codes_per_word(w.bits);
-  if (x_dims[0] > kMaxRows || w.n % 4 != 0 || w.k % (4 * per_word) != 0 ||
-      w.k > INT32_MAX / 2 || w.n > INT32_MAX / 2) {
-    return ffi::Error::InvalidArgument(
-        "gemm: needs M <= 64, N % 4 == 0 and K % (4 * codes per word) == 0");
-  }
-  // Groups are powers of two; one group spanning K has every row in group 0.
-  int group_shift = 31;
-  if (w.groups > 1) {
-    group_shift = 0;
-    while ((int64_t{1} << group_shift) < w.group_rows) ++group_shift;
-    if ((int64_t{1} << group_shift) != w.group_rows) {
-      return ffi::Error::InvalidArgument("gemm: group size must be a power of two");
-    }
-    if (w.group_rows < 32) {
-      return ffi::Error::InvalidArgument("gemm: groups must have at least 32 rows");
-    }
-  }
-  if (x_dims[0] == 0 || w.n == 0) return ffi::Error::Success();
-  const GemmArgs args{x.untyped_data(), codes.typed_data(), scales.untyped_data(),
-                      offsets.untyped_data(), y->untyped_data(), static_cast<int>(x_dims[0]),
-                      static_cast<int>(w.k), static_cast<int>(w.n), w.bits, group_shift};
-  cudaError_t err;
-  if (args.m > kSmallMMaxRows) {
-    err = dtype == ffi::BF16 ? launch_gemm_mid_m<__nv_bfloat16>(args, symmetric, stream)
-                             : launch_gemm_mid_m<__half>(args, symmetric, stream);
-  } else {
-    err = dtype == ffi::BF16 ? dispatch_bits<__nv_bfloat16>(args, symmetric, stream)
-                             : dispatch_bits<__half>(args, symmetric, stream);
-  }
-  if (err != cudaSuccess) {
-    return ffi::Error::Internal(std::string("gemm kernel launch failed: ") +
-                                cudaGetErrorString(err));
-  }
-  return ffi::Error::Success();
+  if (p.n == 0) return ffi::Error::Success();
+  return launch_result(dtype == ffi::BF16
+                           ? launch_gemm_mid_m<__nv_bfloat16>(args, symmetric, stream)
+                           : launch_gemm_mid_m<__half>(args, symmetric, stream));
 }
 
 }  // namespace

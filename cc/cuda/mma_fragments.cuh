@@ -1,7 +1,8 @@
 // Pieces of the tensor-core GEMM kernels that turn packed codes into MMA
-// fragments: the m16n8k16 instruction per activation type, the magic-number
-// conversion of a code pair, the streaming load of the code words, and for
-// int8 activations the m16n8k32 s8 instruction with the codes' signed bytes.
+// fragments: the m16n8k16 instruction (and the 2:4 sparse m16n8k32 one) per
+// activation type, the magic-number conversion of a code pair, the streaming
+// load of the code words, and for int8 activations the m16n8k32 s8
+// instruction with the codes' signed bytes.
 #ifndef JAX_LOWBIT_CUDA_MMA_FRAGMENTS_CUH_
 #define JAX_LOWBIT_CUDA_MMA_FRAGMENTS_CUH_
 
@@ -23,6 +24,24 @@ namespace jax_lowbit {
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));       \
   }
 
+// 2:4 sparse A (16 x 32, two kept values of every 4 k-slots in each A
+// register), dense B (32 x 8). `e` holds the kept k-slots of each chunk of 4
+// as nibbles (i0 | i1 << 2); the sparsity selector kSelector names the lanes
+// 4g + 2 kSelector (k-slots 0-15) and 4g + 2 kSelector + 1 (16-31) whose `e`
+// the instruction reads, for MMA rows g (low 16 bits) and g + 8 (high).
+// ::ordered_metadata promises i0 < i1, which the format guarantees.
+#define JAX_LOWBIT_MMA_SP_M16N8K32(TYPE)                                                  \
+  template <int kSelector>                                                                \
+  static __device__ __forceinline__ void mma_sp(float (&c)[4], const uint32_t (&a)[4],    \
+                                                const uint32_t (&b)[4], uint32_t e) {     \
+    asm volatile("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32." TYPE "."   \
+                 TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, "              \
+                 "{%0,%1,%2,%3}, %12, %13;\n"                                             \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                         \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),      \
+                   "r"(b[2]), "r"(b[3]), "r"(e), "n"(kSelector));                         \
+  }
+
 template <typename T>
 struct Activation;
 
@@ -31,6 +50,7 @@ struct Activation<__nv_bfloat16> {
   using Pair = __nv_bfloat162;
   static constexpr uint32_t kMagic = 0x4300;  // bf16 128.0: one mantissa ulp is 1
   JAX_LOWBIT_MMA_M16N8K16("bf16")
+  JAX_LOWBIT_MMA_SP_M16N8K32("bf16")
 };
 
 template <>
@@ -38,9 +58,11 @@ struct Activation<__half> {
   using Pair = __half2;
   static constexpr uint32_t kMagic = 0x6400;  // fp16 1024.0: one mantissa ulp is 1
   JAX_LOWBIT_MMA_M16N8K16("f16")
+  JAX_LOWBIT_MMA_SP_M16N8K32("f16")
 };
 
 #undef JAX_LOWBIT_MMA_M16N8K16
+#undef JAX_LOWBIT_MMA_SP_M16N8K32
 
 template <typename Pair>
 __device__ __forceinline__ Pair as_pair(uint32_t bits) {
@@ -57,6 +79,7 @@ __device__ __forceinline__ uint32_t broadcast_high(uint32_t v) { return __byte_p
 
 // Streaming load: weights are read once, so they should not evict x from L2.
 __device__ __forceinline__ uint4 load_streaming(const uint4* p) { return __ldcs(p); }
+__device__ __forceinline__ uint2 load_streaming(const uint2* p) { return __ldcs(p); }
 
 template <typename T, int kBits, bool kSymmetric>
 struct Dequantizer {
@@ -73,6 +96,21 @@ struct Dequantizer {
     const uint32_t lanes = ((word >> (pair_index * kBits)) & kMask) | kMagic2;
     const Pair codes = __hsub2(as_pair<Pair>(lanes), as_pair<Pair>(kBias2));
     return as_bits(kSymmetric ? __hmul2(codes, scale) : __hfma2(codes, scale, offset));
+  }
+
+  // The A fragment of MMA rows g and g + 8 = columns 2p and 2p + 1 of a
+  // lane's four code words: code pair 2h of each in registers 0 and 1, pair
+  // 2h + 1 in registers 2 and 3. `scale` and `offset` hold the four columns'
+  // values, each in both lanes.
+  static __device__ __forceinline__ void fragment(uint32_t (&a)[4], const uint32_t (&word)[4],
+                                                  const uint32_t (&scale)[4],
+                                                  const uint32_t (&offset)[4], int p, int h) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int column = 2 * p + r % 2;
+      a[r] = pair(word[column], 2 * h + r / 2, as_pair<Pair>(scale[column]),
+                  as_pair<Pair>(offset[column]));
+    }
   }
 };
 

@@ -82,7 +82,8 @@ def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool =
     Args:
       model: an NNX module (or graph of modules); changed in place.
       bits, group_size, symmetric: the format, as in ``jax_lowbit.quantize``.
-      sparsity: reserved for the 2:4 sparse format (not implemented yet).
+      sparsity: None, or "2:4" to prune every converted layer to 2:4 and store
+        it in the 2:4 sparse int4 format (bits=4).
       where: which layers: None for all, a regex searched in the module path
         ("layers/0/mlp/up"), or a predicate on that path string.
       verbose: print progress and a summary (layers, bytes before/after).
@@ -94,10 +95,8 @@ def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool =
       divisible by the group size) keep their float weights and are listed in
       the summary as skipped.
     """
-    if sparsity is not None:
-        raise NotImplementedError(
-            f"sparsity={sparsity!r}: the 2:4 sparse format is not implemented yet")
-    check_format_options(bits, group_size, quantize_kwargs.get("scale_dtype", "bfloat16"))
+    check_format_options(bits, group_size, quantize_kwargs.get("scale_dtype", "bfloat16"),
+                         sparsity)
     selected = _selector(where)
     dense_types = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
     linears = [(tuple(path), node) for path, node in nnx.iter_graph(model)
@@ -112,12 +111,12 @@ def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool =
         except ValueError as error:  # not a plain matmul: keep the float layer
             summary.skipped.append((path, str(error)))
             continue
-        reason = k_misfit(kernel.shape[0], bits, group_size)
+        reason = k_misfit(kernel.shape[0], bits, group_size, sparsity)
         if reason:  # K does not fit the format: keep the float layer
             summary.skipped.append((path, reason))
             continue
         quantized = QuantLinear.from_module(linear, bits, group_size, symmetric,
-                                            **quantize_kwargs)
+                                            sparsity=sparsity, **quantize_kwargs)
         before = linear.kernel[...].nbytes
         summary.converted.append((path, quantized.weight.shape, before, quantized.weight.nbytes))
         if not path:

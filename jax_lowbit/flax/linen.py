@@ -51,7 +51,9 @@ def quantize_params(params, *, bits: int, group_size: int = 128, symmetric: bool
     names to the packed arrays (``nn.get_partition_spec`` reads them). Returns a
     new params tree.
     """
-    check_format_options(bits, group_size, quantize_kwargs.get("scale_dtype", "bfloat16"))
+    sparsity = quantize_kwargs.get("sparsity")
+    check_format_options(bits, group_size, quantize_kwargs.get("scale_dtype", "bfloat16"),
+                         sparsity)
     pattern = re.compile(where) if isinstance(where, str) else None
 
     def selected(path: str) -> bool:
@@ -64,7 +66,7 @@ def quantize_params(params, *, bits: int, group_size: int = 128, symmetric: bool
             return node
         if _is_dense_params(node) and selected(path):
             kernel = nn.meta.unbox(node["kernel"])
-            if k_misfit(kernel.shape[0], bits, group_size):
+            if k_misfit(kernel.shape[0], bits, group_size, sparsity):
                 return dict(node)
             qw = jax_lowbit.quantize(kernel, bits, group_size, symmetric=symmetric,
                                      **quantize_kwargs)

@@ -56,9 +56,12 @@ class QuantLinear(nnx.Module):
         self.scales = QuantizedArray(weight.scales, **scale_metadata)
         self.offsets = (None if weight.offsets is None
                         else QuantizedArray(weight.offsets, **scale_metadata))
+        # Sparse weights are not partitioned (no sharding rule yet): no annotations.
+        self.metadata = None if weight.metadata is None else QuantizedArray(weight.metadata)
         self.bits = weight.bits
         self.group_size = weight.group_size
         self.symmetric = weight.symmetric
+        self.sparsity = weight.sparsity
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias), **bias_metadata)
         self.dtype = dtype
         self.output_shape = None if output_shape is None else tuple(output_shape)
@@ -76,13 +79,12 @@ class QuantLinear(nnx.Module):
     @classmethod
     def from_linear(cls, linear: nnx.Linear, bits: int = 4, group_size: int = 128,
                     symmetric: bool = True, sparsity=None, **quantize_kwargs) -> "QuantLinear":
-        """Quantizes a trained ``nnx.Linear`` (round to nearest, no data needed)."""
-        if sparsity is not None:
-            raise NotImplementedError(
-                f"sparsity={sparsity!r}: the 2:4 sparse format is not implemented yet")
+        """Quantizes a trained ``nnx.Linear`` (round to nearest, no data needed);
+        ``sparsity="2:4"`` prunes it to 2:4 first (``jax_lowbit.quantize``)."""
         if not isinstance(linear, nnx.Linear):
             raise TypeError(f"from_linear: expected an nnx.Linear, got {type(linear).__name__}")
-        return cls.from_module(linear, bits, group_size, symmetric, **quantize_kwargs)
+        return cls.from_module(linear, bits, group_size, symmetric, sparsity=sparsity,
+                               **quantize_kwargs)
 
     @classmethod
     def from_module(cls, module, bits: int = 4, group_size: int = 128, symmetric: bool = True,
@@ -102,7 +104,8 @@ class QuantLinear(nnx.Module):
         return QuantizedWeight(
             self.codes[...], self.scales[...],
             None if self.offsets is None else self.offsets[...],
-            (self.in_features, self.out_features), self.bits, self.group_size, self.symmetric)
+            (self.in_features, self.out_features), self.bits, self.group_size, self.symmetric,
+            None if self.metadata is None else self.metadata[...], self.sparsity)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.asarray(x)

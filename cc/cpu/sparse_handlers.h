@@ -1,0 +1,9 @@
+#ifndef JAX_LOWBIT_CPU_SPARSE_HANDLERS_H_
+#define JAX_LOWBIT_CPU_SPARSE_HANDLERS_H_
+
+#include "xla/ffi/api/ffi.h"
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(LowbitSparseDequantizeCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(LowbitSparseMatmulCpu);
+
+#endif  // JAX_LOWBIT_CPU_SPARSE_HANDLERS_H_

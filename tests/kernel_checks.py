@@ -1,0 +1,57 @@
+"""Checks shared by the CUDA kernel tests. Each kernel writes into a NaN-filled
+buffer, so that an element it never writes shows up, and is compared with the
+spec's weight (tests/spec_reference.py); which kernels a matmul lowers to is
+read from its export for CUDA, on any machine."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_lowbit
+from jax_lowbit._extension import target_names
+
+import spec_reference
+
+
+def _poisoned(fn, shape, dtype, *args):
+    """Runs fn(*args) with its output in a donated NaN-filled buffer; asserts that XLA
+    wrote the output there and that no element is left NaN."""
+    poison = jnp.full(shape, jnp.nan, dtype)
+    pointer = poison.unsafe_buffer_pointer()
+    out = jax.jit(lambda p, *a: fn(*a), donate_argnums=0, keep_unused=True)(poison, *args)
+    assert out.unsafe_buffer_pointer() == pointer, (
+        "XLA did not write the kernel's output into the poisoned buffer")
+    got = np.asarray(out.astype(jnp.float32), np.float64)
+    assert np.all(np.isfinite(got)), "some elements were never written"
+    return got
+
+
+def assert_kernel_dequantize(qw, dtype):
+    """qw.dequantize(dtype) writes every element: the spec's weight rounded once to dtype."""
+    got = _poisoned(lambda q: q.dequantize(dtype), qw.shape, dtype, qw)
+    want = spec_reference.dequantize_weight(qw)
+    rtol = {jnp.float32: 1e-6, jnp.bfloat16: 2 ** -8, jnp.float16: 2 ** -11}[dtype]
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6)
+
+
+def assert_kernel_matmul(x, qw):
+    """matmul(x, qw) writes every element: x @ W with W rounded to x's dtype, as the
+    fused kernels round it, within float32 accumulation of bf16/fp16 products."""
+    got = _poisoned(jax_lowbit.matmul, x.shape[:-1] + (qw.shape[1],), x.dtype, x, qw)
+    # Reference: weights rounded to x's dtype (as the kernel does), f64 products.
+    w = np.asarray(jnp.asarray(spec_reference.dequantize_weight(qw), x.dtype).astype(jnp.float32),
+                   np.float64)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    want = x64 @ w
+    tol = (2 ** -7 if x.dtype == jnp.bfloat16 else 2 ** -10) * (np.abs(x64) @ np.abs(w)) + 1e-3
+    assert np.all(np.abs(got - want) <= tol)
+
+
+def cuda_targets(x_shape, x_dtype, qw) -> set:
+    """The jax_lowbit FFI targets that matmul of an (x_shape, x_dtype) x lowers to on CUDA."""
+    exported = jax.export.export(
+        jax.jit(jax_lowbit.matmul), platforms=["cuda"],
+        disabled_checks=jax_lowbit.export_disabled_checks())(
+            jax.ShapeDtypeStruct(x_shape, x_dtype), qw)
+    text = exported.mlir_module()
+    return {name for name in target_names() if f"custom_call @{name}" in text}
