@@ -40,7 +40,7 @@ def _groups(fmt: WeightFormat) -> int:
 
 def _act_quant_matmul_cpu(x, *weight, fmt: WeightFormat):
     k, n = fmt.shape
-    codes, scales, offsets = fmt.split(weight)
+    codes, scales, offsets, _ = fmt.split(weight)  # dense: no metadata
     scales = scales.astype(jnp.float32)
     # The handler reads no offsets for symmetric weights; the slot holds the scales.
     offsets = scales if offsets is None else offsets.astype(jnp.float32)
@@ -69,7 +69,7 @@ def uses_gemm_kernel(fmt: WeightFormat, rows: int) -> bool:
 
 def _gemm_kernel(rows, weight, fmt: WeightFormat):
     k, n = fmt.shape
-    codes, scales, offsets = fmt.split(weight)
+    codes, scales, offsets, _ = fmt.split(weight)  # dense: no metadata
     # The kernel loads four columns at once: pad N (a copy of the weight, only
     # for N not a multiple of 4). Padded columns have zero scales and are dropped.
     pad = -n % KERNEL_N_MULTIPLE
@@ -88,7 +88,7 @@ def _gemm_kernel(rows, weight, fmt: WeightFormat):
 def _one_group_integer_dot(rows, weight, fmt: WeightFormat):
     """One group: xq @ (codes - 2^(bits-1)) as one integer dot, then the spec's epilogue."""
     k, _ = fmt.shape
-    codes, scales, offsets = fmt.split(weight)
+    codes, scales, offsets, _ = fmt.split(weight)  # dense: no metadata
     xq, s, t = _quantize_rows(rows, k, 1)
     zero = formats.symmetric_offset(fmt.bits)
     q = (formats.unpack_codes(codes, fmt.bits).astype(jnp.int32) - zero).astype(jnp.int8)

@@ -34,6 +34,10 @@ def check_act_bits(act_bits) -> None:
 
 def _abstract_eval(x, *weight, fmt: WeightFormat):
     out = _matmul_abstract_eval(x, *weight, fmt=fmt)
+    if fmt.sparsity is not None:
+        raise ValueError(
+            f"matmul with act_bits=8 takes dense weights, got sparsity={fmt.sparsity!r}; use "
+            "act_bits=None for sparse weights")
     if fmt.bits not in WEIGHT_BITS:
         raise ValueError(
             f"matmul with act_bits=8 needs 4- or 8-bit weights (int8 x int8 products), got "
