@@ -237,6 +237,13 @@ def test_numpy_integer_act_bits(rng):
                                   np.asarray(_act_matmul(x, qw)))
 
 
+def test_sparse_weights_are_refused(rng):
+    qw = jax_lowbit.quantize(rng.normal(size=(128, 8)).astype(np.float32), 4, 64,
+                             sparsity="2:4")
+    with pytest.raises(ValueError, match="act_bits=8 takes dense weights"):
+        jax_lowbit.matmul(jnp.ones((2, 128)), qw, act_bits=8)
+
+
 def test_int2_weights_are_refused(rng):
     qw = _weight(rng, 128, 8, 2, 32)
     with pytest.raises(ValueError, match="needs 4- or 8-bit weights .*got bits=2"):
