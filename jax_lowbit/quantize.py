@@ -41,6 +41,56 @@ def _round_toward(value: jax.Array, dtype, direction: int) -> jax.Array:
     return rounded.astype(dtype)
 
 
+def group_grid(grouped: jax.Array, bits: int, *, symmetric: bool, scale_dtype,
+               method: str = "rtn", ternary: bool = False):
+    """(scales, offsets) of ``grouped`` weights (G, rows, N), each (G, N) in
+    ``scale_dtype``; offsets None when symmetric. The rules of ``quantize``."""
+    if ternary:
+        return jnp.mean(jnp.abs(grouped), axis=1).astype(scale_dtype), None
+    if symmetric:
+        absmax = jnp.max(jnp.abs(grouped), axis=1)
+        half = formats.symmetric_offset(bits)
+        return _round_toward(absmax / (half - 0.5), scale_dtype, +1), None
+    offsets = _round_toward(jnp.min(grouped, axis=1), scale_dtype, -1)
+    offsets_f32 = offsets.astype(jnp.float32)
+    high = jnp.max(grouped, axis=1)
+    scales = _round_toward((high - offsets_f32) / ((1 << bits) - 1), scale_dtype, +1)
+    if method == "hqq":
+        scales_f32 = scales.astype(jnp.float32)
+        safe = jnp.where(scales_f32 == 0, 1.0, scales_f32)
+        zero_points = optimize_zero_points(grouped, scales_f32, -offsets_f32 / safe,
+                                           (1 << bits) - 1)
+        offsets = (-zero_points * scales_f32).astype(scale_dtype)
+    return scales, offsets
+
+
+def round_to_grid(grouped: jax.Array, scales, offsets, bits: int, *, ternary: bool = False):
+    """Codes (float, 0 .. 2^bits - 1) of ``grouped`` weights (G, rows, N) rounded to
+    nearest on the grid ``code * scale + offset`` of (G, N) ``scales``/``offsets``
+    (offsets None: symmetric)."""
+    scales_f32 = scales.astype(jnp.float32)
+    if offsets is None:
+        offsets_f32 = -formats.symmetric_offset(bits) * scales_f32
+    else:
+        offsets_f32 = offsets.astype(jnp.float32)
+    # A zero scale means a constant group: every code 0 gives back the offset.
+    safe = jnp.where(scales_f32 == 0, 1.0, scales_f32)
+    codes = jnp.round((grouped - offsets_f32[:, None, :]) / safe[:, None, :])
+    lowest = 1 if ternary else 0  # ternary: codes 1, 2, 3 are -1, 0, +1
+    return jnp.clip(codes, lowest, (1 << bits) - 1)
+
+
+def check_finite_grid(scales, offsets, scale_dtype) -> None:
+    """Raises ValueError if concrete scales or offsets overflowed ``scale_dtype``."""
+    if isinstance(scales, jax.core.Tracer):
+        return
+    stored = [scales] if offsets is None else [scales, offsets]
+    if not all(bool(jnp.all(jnp.isfinite(a))) for a in stored):
+        raise ValueError(
+            f"quantize: the weight's range overflows {jnp.dtype(scale_dtype).name} "
+            "scales; use scale_dtype=jnp.float32")
+
+
 METHODS = ("rtn", "hqq")
 
 
@@ -101,42 +151,11 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
         values, metadata = compress_2_4(values)
         rows //= 2
     grouped = values.reshape(-1, rows, n)
-    if ternary:
-        scales = jnp.mean(jnp.abs(grouped), axis=1).astype(scale_dtype)
-        offsets_f32 = -formats.symmetric_offset(bits) * scales.astype(jnp.float32)
-        offsets = None
-    elif symmetric:
-        half = formats.symmetric_offset(bits)
-        absmax = jnp.max(jnp.abs(grouped), axis=1)
-        scales = _round_toward(absmax / (half - 0.5), scale_dtype, +1)
-        offsets_f32 = -half * scales.astype(jnp.float32)
-        offsets = None
-    else:
-        low = jnp.min(grouped, axis=1)
-        high = jnp.max(grouped, axis=1)
-        offsets = _round_toward(low, scale_dtype, -1)
-        offsets_f32 = offsets.astype(jnp.float32)
-        scales = _round_toward((high - offsets_f32) / ((1 << bits) - 1), scale_dtype, +1)
-        if method == "hqq":
-            scales_f32 = scales.astype(jnp.float32)
-            safe = jnp.where(scales_f32 == 0, 1.0, scales_f32)
-            zero_points = optimize_zero_points(grouped, scales_f32, -offsets_f32 / safe,
-                                               (1 << bits) - 1)
-            offsets = (-zero_points * scales_f32).astype(scale_dtype)
-            offsets_f32 = offsets.astype(jnp.float32)
-    scales_f32 = scales.astype(jnp.float32)
-    # A zero scale means a constant group: every code 0 gives back the offset.
-    safe = jnp.where(scales_f32 == 0, 1.0, scales_f32)
-    codes = jnp.round((grouped - offsets_f32[:, None, :]) / safe[:, None, :])
-    lowest = 1 if ternary else 0  # ternary: codes 1, 2, 3 are -1, 0, +1
-    codes = jnp.clip(codes, lowest, (1 << bits) - 1).reshape(values.shape)
+    scales, offsets = group_grid(grouped, bits, symmetric=symmetric, scale_dtype=scale_dtype,
+                                 method=method, ternary=ternary)
+    codes = round_to_grid(grouped, scales, offsets, bits, ternary=ternary).reshape(values.shape)
 
-    if not isinstance(scales, jax.core.Tracer):
-        stored = [scales] if offsets is None else [scales, offsets]
-        if not all(bool(jnp.all(jnp.isfinite(a))) for a in stored):
-            raise ValueError(
-                f"quantize: the weight's range overflows {jnp.dtype(scale_dtype).name} "
-                "scales; use scale_dtype=jnp.float32")
+    check_finite_grid(scales, offsets, scale_dtype)
     return QuantizedWeight(
         codes=formats.pack_codes(codes, bits),
         scales=scales,

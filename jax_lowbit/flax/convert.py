@@ -9,6 +9,7 @@ from typing import Callable
 
 from flax import nnx
 
+from jax_lowbit.flax.calibration import input_hessians
 from jax_lowbit.flax.nnx_layers import QuantLinear, dense_kernel
 from jax_lowbit.validation import check_format_options, k_misfit
 
@@ -70,10 +71,18 @@ def _child(parent, key):
     return getattr(parent, key)
 
 
+def _replace(model, path: Path, module) -> None:
+    parent = model
+    for key in path[:-1]:
+        parent = _child(parent, key)
+    _set_child(parent, path[-1], module)
+
+
 def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool = True,
-                   sparsity=None, where=None, verbose: bool = True, return_summary: bool = False,
-                   **quantize_kwargs):
-    """Quantizes the dense layers of a trained model, training-free (round to nearest).
+                   sparsity=None, where=None, calibration=None, verbose: bool = True,
+                   return_summary: bool = False, **quantize_kwargs):
+    """Quantizes the dense layers of a trained model, training-free: round to
+    nearest, or GPTQ with ``calibration`` data.
 
     Converted: every ``nnx.Linear``, and every ``nnx.LinearGeneral`` or
     ``nnx.Einsum`` whose contraction is a plain matmul over the last input
@@ -86,6 +95,14 @@ def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool =
         it in the 2:4 sparse int4 format (bits=4).
       where: which layers: None for all, a regex searched in the module path
         ("layers/0/mlp/up"), or a predicate on that path string.
+      calibration: None, or an iterable of argument tuples (or single
+        arguments) for ``model(...)``, e.g. a few batches of tokenized text
+        like the real inputs. The model runs on each, eagerly, recording the
+        inputs of every converted layer; each layer is then quantized with
+        GPTQ (``jax_lowbit.gptq.gptq_quantize``, which takes the
+        ``quantize_kwargs``: ``damping``, ``act_order``, ``clip_search``,
+        ``scale_dtype``). All layers see the float model's inputs. Padding
+        positions count as inputs too: batch sentences of similar length.
       verbose: print progress and a summary (layers, bytes before/after).
       return_summary: also return the ConversionSummary.
 
@@ -102,10 +119,8 @@ def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool =
     linears = [(tuple(path), node) for path, node in nnx.iter_graph(model)
                if isinstance(node, dense_types) and selected(tuple(path))]
     summary = ConversionSummary()
-    for index, (path, linear) in enumerate(linears):
-        if verbose and len(linears) > 1:
-            print(f"\rquantizing {index + 1}/{len(linears)}: {_path_name(path)}", end="",
-                  file=sys.stderr, flush=True)
+    fitting = []
+    for path, linear in linears:
         try:
             kernel, _, _ = dense_kernel(linear)
         except ValueError as error:  # not a plain matmul: keep the float layer
@@ -115,19 +130,37 @@ def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool =
         if reason:  # K does not fit the format: keep the float layer
             summary.skipped.append((path, reason))
             continue
+        fitting.append((path, linear))
+    hessians = {}
+    if calibration is not None:
+        if quantize_kwargs.get("method", "gptq") != "gptq" or quantize_kwargs.get("ternary"):
+            raise ValueError("quantize_model: calibration quantizes with GPTQ; leave out "
+                             "method and ternary")
+        quantize_kwargs.pop("method", None)
+        if sparsity is not None:
+            raise ValueError("quantize_model: calibration (GPTQ) does not make 2:4 sparse "
+                             "weights; leave out sparsity")
+        if any(not path for path, _ in fitting):
+            raise ValueError("quantize_model: calibration needs a model with submodules "
+                             "(the root itself cannot be recorded)")
+        hessians = input_hessians(model, fitting, calibration,
+                                  lambda path, module: _replace(model, path, module))
+    elif sparsity is not None:
+        quantize_kwargs["sparsity"] = sparsity
+    for index, (path, linear) in enumerate(fitting):
+        if verbose and len(fitting) > 1:
+            print(f"\rquantizing {index + 1}/{len(fitting)}: {_path_name(path)}", end="",
+                  file=sys.stderr, flush=True)
         quantized = QuantLinear.from_module(linear, bits, group_size, symmetric,
-                                            sparsity=sparsity, **quantize_kwargs)
+                                            hessian=hessians.get(path), **quantize_kwargs)
         before = linear.kernel[...].nbytes
         summary.converted.append((path, quantized.weight.shape, before, quantized.weight.nbytes))
         if not path:
             model = quantized
         else:
-            parent = model
-            for key in path[:-1]:
-                parent = _child(parent, key)
-            _set_child(parent, path[-1], quantized)
+            _replace(model, path, quantized)
     if verbose:
-        if len(linears) > 1:
+        if len(fitting) > 1:
             print(file=sys.stderr)
         print(summary)
     return (model, summary) if return_summary else model
