@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -94,6 +96,23 @@ def check_finite_grid(scales, offsets, scale_dtype) -> None:
 METHODS = ("rtn", "hqq")
 
 
+# Jitted so that eager calls (quantize_model, one per layer) compile once per
+# shape and format: HQQ's loop would otherwise be traced and compiled per call.
+@functools.partial(jax.jit, static_argnames=("bits", "rows", "symmetric", "scale_dtype",
+                                             "method", "ternary", "sparsity"))
+def _packed_arrays(w, *, bits, rows, symmetric, scale_dtype, method, ternary, sparsity):
+    """(packed codes, scales, offsets, 2:4 metadata) of a float32 (K, N) ``w``."""
+    values, metadata = w, None
+    if sparsity is not None:  # only the two kept values of every 4 rows are quantized
+        values, metadata = compress_2_4(values)
+        rows //= 2
+    grouped = values.reshape(-1, rows, values.shape[1])
+    scales, offsets = group_grid(grouped, bits, symmetric=symmetric, scale_dtype=scale_dtype,
+                                 method=method, ternary=ternary)
+    codes = round_to_grid(grouped, scales, offsets, bits, ternary=ternary).reshape(values.shape)
+    return formats.pack_codes(codes, bits), scales, offsets, metadata
+
+
 def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
              scale_dtype=jnp.bfloat16, method: str = "rtn",
              ternary: bool = False, sparsity: str | None = None) -> QuantizedWeight:
@@ -145,19 +164,13 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
     if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
         raise ValueError("quantize: w contains NaN or Inf")
 
-    rows = formats.group_rows(group_size, k)
-    values, metadata = jnp.asarray(w, jnp.float32), None
-    if sparsity is not None:  # only the two kept values of every 4 rows are quantized
-        values, metadata = compress_2_4(values)
-        rows //= 2
-    grouped = values.reshape(-1, rows, n)
-    scales, offsets = group_grid(grouped, bits, symmetric=symmetric, scale_dtype=scale_dtype,
-                                 method=method, ternary=ternary)
-    codes = round_to_grid(grouped, scales, offsets, bits, ternary=ternary).reshape(values.shape)
-
+    codes, scales, offsets, metadata = _packed_arrays(
+        jnp.asarray(w, jnp.float32), bits=bits, rows=formats.group_rows(group_size, k),
+        symmetric=symmetric, scale_dtype=jnp.dtype(scale_dtype), method=method,
+        ternary=ternary, sparsity=sparsity)
     check_finite_grid(scales, offsets, scale_dtype)
     return QuantizedWeight(
-        codes=formats.pack_codes(codes, bits),
+        codes=codes,
         scales=scales,
         offsets=offsets,
         shape=(k, n),
