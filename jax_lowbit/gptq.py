@@ -8,6 +8,11 @@ the layer's inputs, so that ``x @ W`` changes as little as possible on inputs
 like the calibration ones. Where inputs have a few large channels (the
 LayerNorm and GELU outputs of transformers), this keeps those channels' errors
 out of the output. The result is an ordinary packed weight (docs/formats.md).
+
+When the layers before this one are quantized too, its inputs ``x`` differ
+from the float model's ``x_float``; given ``sum x^T x_float`` the rounding
+targets the float model's outputs ``x_float @ W`` instead of ``x @ W``, so
+each layer also compensates what the layers before it changed.
 """
 
 from __future__ import annotations
@@ -28,15 +33,23 @@ from jax_lowbit.validation import as_weight_matrix, check_weight_format
 CLIP_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
-def input_hessian(x) -> np.ndarray:
-    """``sum x^T x`` (K, K) in float64 over all rows of ``x`` (..., K): what
-    ``gptq_quantize`` needs from a layer's calibration inputs. Hessians of
-    several batches add up."""
-    x = np.asarray(x, np.float64)
+def input_hessian(x, x_float=None) -> np.ndarray:
+    """``sum x^T x`` (K, K), float64, over all rows of ``x`` (..., K): what
+    ``gptq_quantize`` needs from a layer's calibration inputs. With ``x_float``
+    (the same shape: the float model's inputs to the layer at the same
+    positions), ``sum x^T x_float``, its ``float_cross``. Sums of several
+    batches add up."""
+    # Products in float32 (twice as fast as float64; GPTQ's damping dwarfs
+    # its rounding), returned in float64 for the factorizations.
+    x = np.asarray(x, np.float32)
     if x.ndim < 1 or x.shape[-1] == 0:
         raise ValueError(f"input_hessian: x must have a last axis K > 0, got shape {x.shape}")
-    x = x.reshape(-1, x.shape[-1])
-    return x.T @ x
+    x_float = x if x_float is None else np.asarray(x_float, np.float32)
+    if x_float.shape != x.shape:
+        raise ValueError(f"input_hessian: x_float must have the shape of x, "
+                         f"got {x_float.shape} for {x.shape}")
+    x, x_float = x.reshape(-1, x.shape[-1]), x_float.reshape(-1, x.shape[-1])
+    return (x.T @ x_float).astype(np.float64)
 
 
 def _dequantize(codes, scales, offsets, bits):
@@ -48,28 +61,35 @@ def _dequantize(codes, scales, offsets, bits):
 
 
 def _clip_searched_grid(block, importance, bits, symmetric, scale_dtype):
-    """Grid of one group ``block`` (rows, N): per column, the range fraction of
-    CLIP_FRACTIONS whose grid has the smallest importance-weighted squared error."""
+    """Grid (scales, offsets), each (1, N), of one group ``block`` (rows, N):
+    per column, the range fraction of CLIP_FRACTIONS whose grid has the
+    smallest importance-weighted squared error (all fractions at once)."""
     low, high = jnp.min(block, axis=0), jnp.max(block, axis=0)
     if symmetric:
         high = jnp.maximum(jnp.abs(low), jnp.abs(high))
         low = -high
     middle, half_range = (low + high) / 2, (high - low) / 2
-    best = None
-    for fraction in CLIP_FRACTIONS:  # fraction 1.0 first: ties keep the full range
-        clipped = jnp.clip(block, middle - fraction * half_range, middle + fraction * half_range)
-        scales, offsets = group_grid(clipped[None], bits, symmetric=symmetric,
-                                     scale_dtype=scale_dtype)
-        codes = round_to_grid(block[None], scales, offsets, bits)
-        error = jnp.sum(importance[:, None] * (block - _dequantize(codes[0], scales, offsets,
-                                                                   bits)) ** 2, axis=0)
-        if best is None:
-            best = (error, scales, offsets)
-            continue
-        better = error < best[0]
-        best = (jnp.where(better, error, best[0]), jnp.where(better, scales, best[1]),
-                None if offsets is None else jnp.where(better, offsets, best[2]))
-    return best[1], best[2]
+    fractions = jnp.asarray(CLIP_FRACTIONS, jnp.float32)[:, None, None]
+    clipped = jnp.clip(block, middle - fractions * half_range, middle + fractions * half_range)
+    scales, offsets = group_grid(clipped, bits, symmetric=symmetric, scale_dtype=scale_dtype)
+    codes = round_to_grid(jnp.broadcast_to(block, clipped.shape), scales, offsets, bits)
+    restored = _dequantize(codes, scales[:, None, :],
+                           None if offsets is None else offsets[:, None, :], bits)
+    error = jnp.sum(importance[:, None] * (block - restored) ** 2, axis=1)  # (fractions, N)
+    best = jnp.argmin(error, axis=0)[None]  # the first minimum: ties keep the full range
+    return (jnp.take_along_axis(scales, best, axis=0),
+            None if offsets is None else jnp.take_along_axis(offsets, best, axis=0))
+
+
+@jax.jit
+def _inverse_upper_factor(hessian):
+    """Upper triangular U with U^T U = hessian^-1: row k of U spreads row k's
+    rounding error (the inverse Hessian of the rows not rounded yet, without
+    re-inverting). With J reversing the order and L the lower Cholesky factor
+    of J H J, U = J L^-1 J: one factorization and one triangular solve."""
+    lower = jnp.linalg.cholesky(hessian[::-1, ::-1])
+    eye = jnp.eye(hessian.shape[0], dtype=hessian.dtype)
+    return jax.scipy.linalg.solve_triangular(lower, eye, lower=True)[::-1, ::-1]
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "rows", "symmetric", "scale_dtype",
@@ -125,7 +145,7 @@ def _gptq_codes(w, inverse_factor, importance, bits, rows, symmetric, scale_dtyp
 
 def gptq_quantize(w, hessian, bits: int, group_size: int = 128, *, symmetric: bool = False,
                   scale_dtype=jnp.bfloat16, damping: float = 0.1, act_order: bool = False,
-                  clip_search: bool = True):
+                  clip_search: bool = True, float_cross=None):
     """Quantizes a (K, N) weight with GPTQ error compensation.
 
     Args:
@@ -145,13 +165,20 @@ def gptq_quantize(w, hessian, bits: int, group_size: int = 128, *, symmetric: bo
       clip_search: per group and column, pick the grid's range among
         CLIP_FRACTIONS of the full range, minimizing the squared error weighted
         by the input energy of each row.
+      float_cross: None, or (K, K) ``sum x^T x_float`` (``input_hessian(x,
+        x_float)``) when the layer's inputs ``x`` (those of ``hessian``) come
+        from a model whose earlier layers are quantized and ``x_float`` are the
+        float model's at the same positions. The rounding then minimizes
+        ``|x @ Q - x_float @ w|^2 + d |Q - w|^2`` (the float model's outputs
+        as the target), ``d`` the damping added to the Hessian's diagonal,
+        rather than ``|x @ (Q - w)|^2 + d |Q - w|^2``.
 
     Returns:
       ``(weight, permutation)``: a QuantizedWeight, and None or (with
       ``act_order``) an int array ``permutation`` of K to apply to ``x`` (as
       ``jax_lowbit.load_gptq`` returns; ``QuantLinear`` takes it as
-      ``input_permutation``). Not traceable under ``jax.jit`` (the Hessian is
-      factored in float64 with numpy).
+      ``input_permutation``). Not traceable under ``jax.jit`` (the Hessian
+      is prepared with numpy).
     """
     w = as_weight_matrix(w, "gptq_quantize")
     k, n = (int(d) for d in w.shape)
@@ -162,21 +189,30 @@ def gptq_quantize(w, hessian, bits: int, group_size: int = 128, *, symmetric: bo
                          f"got {hessian.shape}")
     if not damping > 0:
         raise ValueError(f"gptq_quantize: damping must be > 0, got {damping}")
+    if float_cross is not None:
+        float_cross = np.asarray(float_cross, np.float64)
+        if float_cross.shape != (k, k):
+            raise ValueError(f"gptq_quantize: float_cross must be ({k}, {k}) like the hessian, "
+                             f"got {float_cross.shape}")
     w = np.array(w, np.float64)
-    if not (np.all(np.isfinite(w)) and np.all(np.isfinite(hessian))):
-        raise ValueError("gptq_quantize: w or hessian contains NaN or Inf")
+    if not all(np.all(np.isfinite(a)) for a in (w, hessian, float_cross) if a is not None):
+        raise ValueError("gptq_quantize: w, hessian or float_cross contains NaN or Inf")
 
     hessian = hessian.copy()
     dead = np.diag(hessian) == 0  # inputs that were always 0: their rows do not matter
     hessian[dead, dead] = 1.0
+    damping_term = damping * np.mean(np.diag(hessian))
+    hessian[np.diag_indices(k)] += damping_term
+    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(k)
+    hessian, w, dead = hessian[np.ix_(order, order)], w[order], dead[order]
+    inverse_factor = np.asarray(_inverse_upper_factor(jnp.asarray(hessian, jnp.float32)),
+                                np.float64)
+    if float_cross is not None:
+        # The real-valued minimizer (H + d)^-1 (C w + d w) of that objective:
+        # rounding towards it under the damped Hessian minimizes the same one.
+        target = float_cross[np.ix_(order, order)] @ w + damping_term * w
+        w = inverse_factor.T @ (inverse_factor @ target)
     w[dead] = 0.0
-    permutation = np.argsort(-np.diag(hessian), kind="stable") if act_order else None
-    if permutation is not None:
-        w, hessian = w[permutation], hessian[np.ix_(permutation, permutation)]
-    hessian[np.diag_indices(k)] += damping * np.mean(np.diag(hessian))
-    # Upper factor U of H^-1 = U^T U: row k of U spreads row k's error (the
-    # inverse Hessian of the rows not rounded yet, without re-inverting).
-    inverse_factor = np.linalg.cholesky(np.linalg.inv(hessian)).T
 
     rows = formats.group_rows(group_size, k)
     codes, scales, offsets = _gptq_codes(jnp.asarray(w, jnp.float32),
@@ -188,4 +224,4 @@ def gptq_quantize(w, hessian, bits: int, group_size: int = 128, *, symmetric: bo
     weight = QuantizedWeight(codes=formats.pack_codes(codes, bits), scales=scales,
                              offsets=offsets, shape=(k, n), bits=bits, group_size=group_size,
                              symmetric=symmetric)
-    return weight, permutation
+    return weight, (order if act_order else None)

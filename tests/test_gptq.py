@@ -58,10 +58,46 @@ def test_gptq_beats_rtn_on_calibration_inputs(bits, symmetric, act_order, rng):
 
 def test_input_hessian_adds_up_over_batches(rng):
     x = rng.normal(size=(3, 5, 32)).astype(np.float32)
+    x_float = rng.normal(size=(3, 5, 32)).astype(np.float32)
+    rows, float_rows = (a.reshape(-1, 32).astype(np.float64) for a in (x, x_float))
     np.testing.assert_allclose(input_hessian(x), input_hessian(x[:1]) + input_hessian(x[1:]),
-                               rtol=1e-10)
-    np.testing.assert_allclose(input_hessian(x), x.reshape(-1, 32).T.astype(np.float64)
-                               @ x.reshape(-1, 32), rtol=1e-10)
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(input_hessian(x), rows.T @ rows, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(input_hessian(x, x_float), rows.T @ float_rows, rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="x_float must have the shape"):
+        input_hessian(x, x_float[:2])
+
+
+def test_float_cross_targets_the_float_outputs(rng):
+    """Inputs ``x`` distorted from the float model's ``x_float`` (as quantized
+    layers upstream distort them): with ``float_cross`` the weight brings
+    ``x @ Q`` close to ``x_float @ w``, on fresh inputs too; with
+    ``float_cross = hessian`` (no distortion) it is plain GPTQ."""
+    k, n = 256, 64
+    w = rng.standard_t(3, size=(k, n)).astype(np.float32) * 0.05
+    draw = _input_distribution(rng, k)
+    distortion = np.eye(k) + 0.2 * rng.normal(size=(k, k)) / np.sqrt(k)
+
+    def inputs(rows):
+        x_float = draw(rows)
+        return (x_float @ distortion).astype(np.float32), x_float
+
+    x, x_float = inputs(1024)
+    hessian = input_hessian(x)
+    plain, _ = gptq_quantize(w, hessian, 4, 64)
+    targeted, _ = gptq_quantize(w, hessian, 4, 64, float_cross=input_hessian(x, x_float))
+    undistorted, _ = gptq_quantize(w, hessian, 4, 64, float_cross=hessian)
+    np.testing.assert_allclose(np.asarray(undistorted.dequantize()),
+                               np.asarray(plain.dequantize()), atol=1e-6)
+    x_new, x_float_new = inputs(1024)
+
+    def error(weight):
+        target = x_float_new @ w
+        return np.linalg.norm(x_new @ np.asarray(weight.dequantize()) - target) / np.linalg.norm(
+            target)
+
+    assert error(targeted) < 0.5 * error(plain), (error(targeted), error(plain))
 
 
 def test_dead_inputs_and_few_calibration_rows(rng):
@@ -89,5 +125,9 @@ def test_gptq_bad_input(rng):
         gptq_quantize(w, h, 4, damping=0.0)
     with pytest.raises(ValueError, match="NaN"):
         gptq_quantize(w, np.full_like(h, np.nan), 4)
+    with pytest.raises(ValueError, match="float_cross must be"):
+        gptq_quantize(w, h, 4, float_cross=h[:64])
+    with pytest.raises(ValueError, match="NaN"):
+        gptq_quantize(w, h, 4, float_cross=np.full_like(h, np.inf))
     with pytest.raises(ValueError):
         gptq_quantize(w, h, 3)

@@ -9,7 +9,7 @@ from typing import Callable
 
 from flax import nnx
 
-from jax_lowbit.flax.calibration import input_hessians
+from jax_lowbit.flax.calibration import quantize_in_call_order
 from jax_lowbit.flax.nnx_layers import QuantLinear, dense_kernel
 from jax_lowbit.validation import check_format_options, k_misfit
 
@@ -95,14 +95,17 @@ def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool =
         it in the 2:4 sparse int4 format (bits=4).
       where: which layers: None for all, a regex searched in the module path
         ("layers/0/mlp/up"), or a predicate on that path string.
-      calibration: None, or an iterable of argument tuples (or single
-        arguments) for ``model(...)``, e.g. a few batches of tokenized text
-        like the real inputs. The model runs on each, eagerly, recording the
-        inputs of every converted layer; each layer is then quantized with
-        GPTQ (``jax_lowbit.gptq.gptq_quantize``, which takes the
+      calibration: None, or the arguments of one call ``model(*calibration)``
+        (a tuple; anything else is the single argument), e.g. a batch of a few
+        hundred tokenized sentences like the real inputs, every array with the
+        batch on axis 0. The layers are then quantized with GPTQ
+        (``jax_lowbit.gptq.gptq_quantize``, which takes the
         ``quantize_kwargs``: ``damping``, ``act_order``, ``clip_search``,
-        ``scale_dtype``). All layers see the float model's inputs. Padding
-        positions count as inputs too: batch sentences of similar length.
+        ``scale_dtype``) in the order the model calls them, each from the
+        inputs that the layers quantized before it give it, towards the float
+        model's outputs (jax_lowbit/flax/calibration.py). The model runs
+        eagerly on the batch three times over; padding positions count as
+        inputs too.
       verbose: print progress and a summary (layers, bytes before/after).
       return_summary: also return the ConversionSummary.
 
@@ -131,8 +134,20 @@ def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool =
             summary.skipped.append((path, reason))
             continue
         fitting.append((path, linear))
-    hessians = {}
-    if calibration is not None:
+    progress = iter(range(1, len(fitting) + 1))
+
+    def convert(path, linear, hessian=None, float_cross=None) -> QuantLinear:
+        if verbose and len(fitting) > 1:
+            print(f"\rquantizing {next(progress)}/{len(fitting)}: {_path_name(path)}", end="",
+                  file=sys.stderr, flush=True)
+        return QuantLinear.from_module(linear, bits, group_size, symmetric, hessian=hessian,
+                                       float_cross=float_cross, **quantize_kwargs)
+
+    if calibration is None:
+        if sparsity is not None:
+            quantize_kwargs["sparsity"] = sparsity
+        quantized = {path: convert(path, linear) for path, linear in fitting}
+    else:
         if quantize_kwargs.get("method", "gptq") != "gptq" or quantize_kwargs.get("ternary"):
             raise ValueError("quantize_model: calibration quantizes with GPTQ; leave out "
                              "method and ternary")
@@ -142,23 +157,17 @@ def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool =
                              "weights; leave out sparsity")
         if any(not path for path, _ in fitting):
             raise ValueError("quantize_model: calibration needs a model with submodules "
-                             "(the root itself cannot be recorded)")
-        hessians = input_hessians(model, fitting, calibration,
-                                  lambda path, module: _replace(model, path, module))
-    elif sparsity is not None:
-        quantize_kwargs["sparsity"] = sparsity
-    for index, (path, linear) in enumerate(fitting):
-        if verbose and len(fitting) > 1:
-            print(f"\rquantizing {index + 1}/{len(fitting)}: {_path_name(path)}", end="",
-                  file=sys.stderr, flush=True)
-        quantized = QuantLinear.from_module(linear, bits, group_size, symmetric,
-                                            hessian=hessians.get(path), **quantize_kwargs)
-        before = linear.kernel[...].nbytes
-        summary.converted.append((path, quantized.weight.shape, before, quantized.weight.nbytes))
+                             "(the root itself cannot be stood in for)")
+        args = calibration if isinstance(calibration, tuple) else (calibration,)
+        quantized = quantize_in_call_order(
+            model, fitting, args, lambda path, module: _replace(model, path, module), convert)
+    for path, linear in fitting:
+        summary.converted.append((path, quantized[path].weight.shape, linear.kernel[...].nbytes,
+                                  quantized[path].weight.nbytes))
         if not path:
-            model = quantized
+            model = quantized[path]
         else:
-            _replace(model, path, quantized)
+            _replace(model, path, quantized[path])
     if verbose:
         if len(fitting) > 1:
             print(file=sys.stderr)

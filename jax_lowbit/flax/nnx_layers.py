@@ -89,13 +89,14 @@ class QuantLinear(nnx.Module):
 
     @classmethod
     def from_module(cls, module, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-                    *, hessian=None, **quantize_kwargs) -> "QuantLinear":
+                    *, hessian=None, float_cross=None, **quantize_kwargs) -> "QuantLinear":
         """Quantizes an ``nnx.Linear``, or an ``nnx.LinearGeneral``/``nnx.Einsum`` whose
         contraction is a plain matmul over the last input axis (see ``dense_kernel``).
         The layer's sharding annotations carry over (``partition_metadata``).
 
         With ``hessian`` (the (K, K) ``sum x^T x`` of the layer's calibration
-        inputs, ``jax_lowbit.gptq.input_hessian``) the weight is quantized by
+        inputs, ``jax_lowbit.gptq.input_hessian``; and optionally its
+        ``float_cross``) the weight is quantized by
         ``jax_lowbit.gptq.gptq_quantize``, which takes the ``quantize_kwargs``;
         otherwise by ``jax_lowbit.quantize``.
         """
@@ -106,7 +107,8 @@ class QuantLinear(nnx.Module):
                                          **quantize_kwargs)
         else:
             weight, permutation = gptq_quantize(kernel, hessian, bits, group_size,
-                                                symmetric=symmetric, **quantize_kwargs)
+                                                symmetric=symmetric, float_cross=float_cross,
+                                                **quantize_kwargs)
         return cls(weight, bias, dtype=module.dtype, output_shape=output_shape,
                    input_permutation=permutation, **partition_metadata.dense_metadata(module))
 
