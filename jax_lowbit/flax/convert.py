@@ -9,6 +9,7 @@ from typing import Callable
 
 from flax import nnx
 
+from jax_lowbit.flax.calibration import quantize_in_call_order
 from jax_lowbit.flax.nnx_layers import QuantLinear, dense_kernel
 from jax_lowbit.validation import check_format_options, k_misfit
 
@@ -70,10 +71,18 @@ def _child(parent, key):
     return getattr(parent, key)
 
 
+def _replace(model, path: Path, module) -> None:
+    parent = model
+    for key in path[:-1]:
+        parent = _child(parent, key)
+    _set_child(parent, path[-1], module)
+
+
 def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool = True,
-                   sparsity=None, where=None, verbose: bool = True, return_summary: bool = False,
-                   **quantize_kwargs):
-    """Quantizes the dense layers of a trained model, training-free (round to nearest).
+                   sparsity=None, where=None, calibration=None, verbose: bool = True,
+                   return_summary: bool = False, **quantize_kwargs):
+    """Quantizes the dense layers of a trained model, training-free: round to
+    nearest, or GPTQ with ``calibration`` data.
 
     Converted: every ``nnx.Linear``, and every ``nnx.LinearGeneral`` or
     ``nnx.Einsum`` whose contraction is a plain matmul over the last input
@@ -86,6 +95,17 @@ def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool =
         it in the 2:4 sparse int4 format (bits=4).
       where: which layers: None for all, a regex searched in the module path
         ("layers/0/mlp/up"), or a predicate on that path string.
+      calibration: None, or the arguments of one call ``model(*calibration)``
+        (a tuple; anything else is the single argument), e.g. a batch of a few
+        hundred tokenized sentences like the real inputs, every array with the
+        batch on axis 0. The layers are then quantized with GPTQ
+        (``jax_lowbit.gptq.gptq_quantize``, which takes the
+        ``quantize_kwargs``: ``damping``, ``act_order``, ``clip_search``,
+        ``scale_dtype``) in the order the model calls them, each from the
+        inputs that the layers quantized before it give it, towards the float
+        model's outputs (jax_lowbit/flax/calibration.py). The model runs
+        eagerly on the batch three times over; padding positions count as
+        inputs too.
       verbose: print progress and a summary (layers, bytes before/after).
       return_summary: also return the ConversionSummary.
 
@@ -102,10 +122,8 @@ def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool =
     linears = [(tuple(path), node) for path, node in nnx.iter_graph(model)
                if isinstance(node, dense_types) and selected(tuple(path))]
     summary = ConversionSummary()
-    for index, (path, linear) in enumerate(linears):
-        if verbose and len(linears) > 1:
-            print(f"\rquantizing {index + 1}/{len(linears)}: {_path_name(path)}", end="",
-                  file=sys.stderr, flush=True)
+    fitting = []
+    for path, linear in linears:
         try:
             kernel, _, _ = dense_kernel(linear)
         except ValueError as error:  # not a plain matmul: keep the float layer
@@ -115,19 +133,43 @@ def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool =
         if reason:  # K does not fit the format: keep the float layer
             summary.skipped.append((path, reason))
             continue
-        quantized = QuantLinear.from_module(linear, bits, group_size, symmetric,
-                                            sparsity=sparsity, **quantize_kwargs)
-        before = linear.kernel[...].nbytes
-        summary.converted.append((path, quantized.weight.shape, before, quantized.weight.nbytes))
+        fitting.append((path, linear))
+    progress = iter(range(1, len(fitting) + 1))
+
+    def convert(path, linear, hessian=None, float_cross=None) -> QuantLinear:
+        if verbose and len(fitting) > 1:
+            print(f"\rquantizing {next(progress)}/{len(fitting)}: {_path_name(path)}", end="",
+                  file=sys.stderr, flush=True)
+        return QuantLinear.from_module(linear, bits, group_size, symmetric, hessian=hessian,
+                                       float_cross=float_cross, **quantize_kwargs)
+
+    if calibration is None:
+        if sparsity is not None:
+            quantize_kwargs["sparsity"] = sparsity
+        quantized = {path: convert(path, linear) for path, linear in fitting}
+    else:
+        if quantize_kwargs.get("method", "gptq") != "gptq" or quantize_kwargs.get("ternary"):
+            raise ValueError("quantize_model: calibration quantizes with GPTQ; leave out "
+                             "method and ternary")
+        quantize_kwargs.pop("method", None)
+        if sparsity is not None:
+            raise ValueError("quantize_model: calibration (GPTQ) does not make 2:4 sparse "
+                             "weights; leave out sparsity")
+        if any(not path for path, _ in fitting):
+            raise ValueError("quantize_model: calibration needs a model with submodules "
+                             "(the root itself cannot be stood in for)")
+        args = calibration if isinstance(calibration, tuple) else (calibration,)
+        quantized = quantize_in_call_order(
+            model, fitting, args, lambda path, module: _replace(model, path, module), convert)
+    for path, linear in fitting:
+        summary.converted.append((path, quantized[path].weight.shape, linear.kernel[...].nbytes,
+                                  quantized[path].weight.nbytes))
         if not path:
-            model = quantized
+            model = quantized[path]
         else:
-            parent = model
-            for key in path[:-1]:
-                parent = _child(parent, key)
-            _set_child(parent, path[-1], quantized)
+            _replace(model, path, quantized[path])
     if verbose:
-        if len(linears) > 1:
+        if len(fitting) > 1:
             print(file=sys.stderr)
         print(summary)
     return (model, summary) if return_summary else model

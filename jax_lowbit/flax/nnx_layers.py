@@ -13,6 +13,7 @@ from flax import nnx
 
 import jax_lowbit
 from jax_lowbit.flax import partition_metadata
+from jax_lowbit.gptq import gptq_quantize
 from jax_lowbit.quantized_weight import QuantizedWeight
 from jax_lowbit.validation import check_float_dtype
 
@@ -88,15 +89,28 @@ class QuantLinear(nnx.Module):
 
     @classmethod
     def from_module(cls, module, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-                    **quantize_kwargs) -> "QuantLinear":
+                    *, hessian=None, float_cross=None, **quantize_kwargs) -> "QuantLinear":
         """Quantizes an ``nnx.Linear``, or an ``nnx.LinearGeneral``/``nnx.Einsum`` whose
         contraction is a plain matmul over the last input axis (see ``dense_kernel``).
-        The layer's sharding annotations carry over (``partition_metadata``)."""
+        The layer's sharding annotations carry over (``partition_metadata``).
+
+        With ``hessian`` (the (K, K) ``sum x^T x`` of the layer's calibration
+        inputs, ``jax_lowbit.gptq.input_hessian``; and optionally its
+        ``float_cross``) the weight is quantized by
+        ``jax_lowbit.gptq.gptq_quantize``, which takes the ``quantize_kwargs``;
+        otherwise by ``jax_lowbit.quantize``.
+        """
         kernel, bias, output_shape = dense_kernel(module)
-        weight = jax_lowbit.quantize(kernel, bits, group_size, symmetric=symmetric,
-                                     **quantize_kwargs)
+        permutation = None
+        if hessian is None:
+            weight = jax_lowbit.quantize(kernel, bits, group_size, symmetric=symmetric,
+                                         **quantize_kwargs)
+        else:
+            weight, permutation = gptq_quantize(kernel, hessian, bits, group_size,
+                                                symmetric=symmetric, float_cross=float_cross,
+                                                **quantize_kwargs)
         return cls(weight, bias, dtype=module.dtype, output_shape=output_shape,
-                   **partition_metadata.dense_metadata(module))
+                   input_permutation=permutation, **partition_metadata.dense_metadata(module))
 
     @property
     def weight(self) -> QuantizedWeight:
