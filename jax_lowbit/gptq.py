@@ -207,6 +207,9 @@ def gptq_quantize(w, hessian, bits: int, group_size: int = 128, *, symmetric: bo
     hessian, w, dead = hessian[np.ix_(order, order)], w[order], dead[order]
     inverse_factor = np.asarray(_inverse_upper_factor(jnp.asarray(hessian, jnp.float32)),
                                 np.float64)
+    if not np.all(np.isfinite(inverse_factor)):  # the Cholesky factorization failed
+        raise ValueError("gptq_quantize: the damped hessian is not positive definite (in "
+                         "float32); pass sum x^T x of real inputs, or a larger damping")
     if float_cross is not None:
         # The real-valued minimizer (H + d)^-1 (C w + d w) of that objective:
         # rounding towards it under the damped Hessian minimizes the same one.

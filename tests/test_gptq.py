@@ -125,6 +125,8 @@ def test_gptq_bad_input(rng):
         gptq_quantize(w, h, 4, damping=0.0)
     with pytest.raises(ValueError, match="NaN"):
         gptq_quantize(w, np.full_like(h, np.nan), 4)
+    with pytest.raises(ValueError, match="positive definite"):
+        gptq_quantize(w, -h, 4)
     with pytest.raises(ValueError, match="float_cross must be"):
         gptq_quantize(w, h, 4, float_cross=h[:64])
     with pytest.raises(ValueError, match="NaN"):
