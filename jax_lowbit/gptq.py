@@ -130,7 +130,9 @@ def _gptq_codes(w, inverse_factor, importance, bits, rows, symmetric, scale_dtyp
         _, block_codes, errors = jax.lax.fori_loop(0, rows, row_step, init)
         # And over the rows of later groups, in one product.
         after = (jnp.arange(k) >= start + rows)[:, None]
-        w = w - jnp.where(after, factor_rows.T @ errors, 0.0)
+        # HIGHEST: a GPU would run float32 products in TF32 (10-bit mantissas).
+        spread = jnp.matmul(factor_rows.T, errors, precision=jax.lax.Precision.HIGHEST)
+        w = w - jnp.where(after, spread, 0.0)
         codes = jax.lax.dynamic_update_slice_in_dim(codes, block_codes, start, axis=0)
         scales = scales.at[g].set(group_scales[0])
         if offsets is not None:

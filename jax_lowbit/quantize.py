@@ -43,12 +43,24 @@ def _round_toward(value: jax.Array, dtype, direction: int) -> jax.Array:
     return rounded.astype(dtype)
 
 
+def _round_nearest(value: jax.Array, dtype) -> jax.Array:
+    """Casts float32 ``value`` to ``dtype``, rounding to nearest, through
+    ``reduce_precision``: code rounding in the same jit must see the stored
+    value, and XLA may drop a float32 -> bfloat16 -> float32 round trip as
+    excess precision (on the H100 it did: ternary codes disagreed with their
+    stored scales). Subnormals of ``dtype`` are left to the cast, which
+    reduce_precision would flush."""
+    info = jnp.finfo(dtype)
+    nearest = jax.lax.reduce_precision(value, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return jnp.where(jnp.abs(value) < float(info.tiny), value, nearest).astype(dtype)
+
+
 def group_grid(grouped: jax.Array, bits: int, *, symmetric: bool, scale_dtype,
                method: str = "rtn", ternary: bool = False):
     """(scales, offsets) of ``grouped`` weights (G, rows, N), each (G, N) in
     ``scale_dtype``; offsets None when symmetric. The rules of ``quantize``."""
     if ternary:
-        return jnp.mean(jnp.abs(grouped), axis=1).astype(scale_dtype), None
+        return _round_nearest(jnp.mean(jnp.abs(grouped), axis=1), scale_dtype), None
     if symmetric:
         absmax = jnp.max(jnp.abs(grouped), axis=1)
         half = formats.symmetric_offset(bits)
@@ -62,7 +74,7 @@ def group_grid(grouped: jax.Array, bits: int, *, symmetric: bool, scale_dtype,
         safe = jnp.where(scales_f32 == 0, 1.0, scales_f32)
         zero_points = optimize_zero_points(grouped, scales_f32, -offsets_f32 / safe,
                                            (1 << bits) - 1)
-        offsets = (-zero_points * scales_f32).astype(scale_dtype)
+        offsets = _round_nearest(-zero_points * scales_f32, scale_dtype)
     return scales, offsets
 
 
