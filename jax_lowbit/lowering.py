@@ -13,7 +13,6 @@ which also read the metadata. The CPU and dequantize handlers compute
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp

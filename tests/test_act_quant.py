@@ -286,8 +286,9 @@ def test_gpu_writes_every_element_and_matches_spec(m, bits, group_size, symmetri
     k, n = 4352, 200
     qw = _weight(rng, k, n, bits, group_size, symmetric)
     x = _x(rng, (m, k), dtype)
-    _poisoned(_act_matmul, (m, n), dtype, x, qw)  # asserts every element was written
-    check_against_spec(jax.jit(_act_matmul)(x, qw), x, qw)
+    # _poisoned asserts every element was written; its values (exact in dtype) are checked.
+    y = _poisoned(_act_matmul, (m, n), dtype, x, qw)
+    check_against_spec(jnp.asarray(y, jnp.float32).astype(dtype), x, qw)
 
 
 @pytest.mark.gpu
