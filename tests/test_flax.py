@@ -10,6 +10,7 @@ from flax import linen as nn  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jax_lowbit  # noqa: E402
+from jax_lowbit import formats  # noqa: E402
 from jax_lowbit.gptq import gptq_quantize, input_hessian  # noqa: E402
 from jax_lowbit.flax import QuantizedArray, QuantLinear, quantize_model  # noqa: E402
 from jax_lowbit.flax import linen as lowbit_linen  # noqa: E402
@@ -246,6 +247,15 @@ def test_quant_linear_with_gptq_act_order(rng):
         QuantLinear(weight, input_permutation=np.zeros(k, int))
 
 
+def _assert_same_codes(got, want, bits):
+    """Codes equal but for rare off-by-one rounding at near-ties: quantize_model sums
+    the Hessian over a slice of a doubled batch, in another order than a direct call."""
+    got, want = (np.asarray(formats.unpack_codes(jnp.asarray(c), bits), np.int64)
+                 for c in (got, want))
+    differ = got != want
+    assert np.all(np.abs(got - want) <= 1) and differ.mean() <= 1e-3, differ.mean()
+
+
 def test_quantize_model_with_calibration_quantizes_in_call_order(rng):
     """With calibration each layer is quantized by GPTQ from the inputs the
     layers quantized before it give it, towards the float model's outputs; the
@@ -261,12 +271,12 @@ def test_quantize_model_with_calibration_quantizes_in_call_order(rng):
 
     # The first layer is plain GPTQ; the second sees the quantized first one's outputs.
     up, up_order = gptq_quantize(model.up.kernel[...], input_hessian(x), 4, 64, act_order=True)
-    np.testing.assert_array_equal(np.asarray(gptq.up.codes[...]), np.asarray(up.codes))
+    _assert_same_codes(gptq.up.codes[...], up.codes, 4)
     np.testing.assert_array_equal(np.asarray(gptq.up.input_permutation[...]), up_order)
     hidden_float, hidden = nnx.relu(model.up(x)), nnx.relu(gptq.up(x))
     block, _ = gptq_quantize(model.blocks[0].kernel[...], input_hessian(hidden), 4, 64,
                              act_order=True, float_cross=input_hessian(hidden, hidden_float))
-    np.testing.assert_array_equal(np.asarray(gptq.blocks[0].codes[...]), np.asarray(block.codes))
+    _assert_same_codes(gptq.blocks[0].codes[...], block.codes, 4)
 
     x_new = jnp.asarray(draw(256))
     float_out = np.asarray(model(x_new))
