@@ -88,11 +88,14 @@ def _xla_int4_layer(x, w):
     codes, scales = w
     k, n = codes.shape
     deq = (codes.astype(jnp.bfloat16).reshape(k // GROUP, GROUP, n) * scales[:, None, :])
-    return jnp.dot(x, deq.reshape(k, n), preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.dot(x, deq.reshape(k, n))
 
 
 def _bf16_layer(x, w):
-    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    # Plain jnp.dot, as users write it (bf16 out, f32 accumulation inside): in
+    # the v5 harness `preferred_element_type=f32` then a cast cost XLA an extra
+    # kernel per product and made bf16 7-10% slower (docs/perf.md).
+    return jnp.dot(x, w)
 
 
 def _act_quant_layer(x, w):

@@ -52,6 +52,21 @@ def has_cuda() -> bool:
     return _cuda is not None
 
 
+def cuda_devices_are_hopper() -> bool:
+    """Whether this process has CUDA devices and all are sm_90 (H100, H200).
+
+    The large-M kernel runs wgmma, which exists on sm_90 only; lowerings ask
+    this to choose it. False without a CUDA backend (e.g. exporting on a CPU
+    machine), so such lowerings keep the kernels every GPU can run.
+    """
+    try:
+        devices = jax.devices("cuda")
+    except RuntimeError:
+        return False
+    return bool(devices) and all(
+        str(getattr(d, "compute_capability", "")).split(".")[0] == "9" for d in devices)
+
+
 def target_names() -> list[str]:
     """Names of every FFI target this package registers."""
     names = set(_cpu.registrations())

@@ -2,10 +2,11 @@
 
 CPU: the C++ handlers take float32 scales, offsets, x and y; dtype
 conversions around the call are left to XLA, which fuses them.
-CUDA: matmul with int4/int2 codes, bf16/fp16 x and at most 32 rows runs the
-fused small-M kernel (cc/cuda/gemm_small_m.cu, or gemm_sparse_small_m.cu for
-2:4 sparse weights); everything else is the dequantize kernel followed by
-XLA's dot. 2:4 sparse weights have targets of their own ("jax_lowbit_sparse_*"),
+CUDA: matmul with int4/int2 codes and bf16/fp16 x runs a fused kernel: up
+to 64 rows the small-M and mid-M kernels (cc/cuda/gemm_small_m.cu,
+gemm_mid_m.cu; gemm_sparse_small_m.cu up to 32 rows for 2:4 sparse
+weights), above that on sm_90 GPUs the wgmma kernel (gemm_large_m.cu);
+everything else is the dequantize kernel followed by XLA's dot. 2:4 sparse weights have targets of their own ("jax_lowbit_sparse_*"),
 which also read the metadata. The CPU and dequantize handlers compute
 ``code * scale + offset``; symmetric weights get their offset
 ``-2^(bits-1) * scale`` here.
@@ -100,17 +101,36 @@ def uses_small_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> boo
             and k % k_step == 0)
 
 
+LARGE_M_K_MULTIPLE = 64  # a pipeline stage of the wgmma kernel
+
+
+def uses_large_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> bool:
+    """Whether a CUDA matmul of ``rows`` rows runs the wgmma kernel (sm_90 only).
+
+    Same dtype rule as the small-M kernel; K must be a multiple of 64 and N of 8.
+    """
+    k, n = fmt.shape
+    return (not fmt.sparsity and rows > SMALL_M_MAX_ROWS
+            and uses_small_m_kernel(fmt, dtype, scale_dtype, SMALL_M_MAX_ROWS)
+            and k % LARGE_M_K_MULTIPLE == 0 and n % 8 == 0 and rows < 2**31
+            and _extension.cuda_devices_are_hopper())
+
+
 def _matmul_cuda(x, *weight, fmt: WeightFormat):
     _require_cuda()
     k, n = fmt.shape
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
     codes, scales, offsets, metadata = fmt.split(weight)
-    if not uses_small_m_kernel(fmt, x.dtype, scales.dtype, rows):
+    if uses_large_m_kernel(fmt, x.dtype, scales.dtype, rows):
+        target = "jax_lowbit_gemm_large_m"
+    elif uses_small_m_kernel(fmt, x.dtype, scales.dtype, rows):
+        target = _target(fmt, "gemm_small_m")
+    else:
         return contract("...k,kn->...n", x, _dequantize_call(weight, fmt, x.dtype))
     scales = scales.astype(x.dtype)
-    # The kernel reads no offsets for symmetric weights; the slot holds the scales.
+    # The kernels read no offsets for symmetric weights; the slot holds the scales.
     offsets = scales if offsets is None else offsets.astype(x.dtype)
-    y = jax.ffi.ffi_call(_target(fmt, "gemm_small_m"),
+    y = jax.ffi.ffi_call(target,
                          jax.ShapeDtypeStruct((rows, n), x.dtype))(
         x.reshape(rows, k), *_packed(codes, metadata), scales, offsets,
         symmetric=fmt.symmetric, **_attributes(fmt))

@@ -1,11 +1,12 @@
 """Which CUDA kernel a matmul lowers to, checked on any machine by exporting for CUDA."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jax_lowbit
-from jax_lowbit import lowering
+from jax_lowbit import _extension, lowering
 
 from kernel_checks import cuda_targets
 
@@ -19,7 +20,45 @@ def _weight(rng, k=256, n=64, bits=4, group_size=128, scale_dtype=jnp.bfloat16):
 
 
 FUSED = {"jax_lowbit_gemm_small_m"}
+LARGE_M = {"jax_lowbit_gemm_large_m"}
 DEQUANTIZE_THEN_DOT = {"jax_lowbit_dequantize"}
+
+
+@pytest.fixture(params=[False, True], ids=["other GPU", "sm_90"])
+def hopper(request, monkeypatch):
+    """Lowers as if the CUDA devices were (or were not) sm_90 GPUs."""
+    monkeypatch.setattr(_extension, "cuda_devices_are_hopper", lambda: request.param)
+    jax.clear_caches()  # lowerings made under the other answer
+    yield request.param
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("x_shape", [(65, 256), (300, 256), (4, 100, 256)])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_large_m_uses_wgmma_kernel_on_sm90(x_shape, bits, symmetric, hopper, rng):
+    qw = jax_lowbit.quantize(rng.normal(size=(256, 64)).astype(np.float32), bits, 128,
+                             symmetric=symmetric)
+    want = LARGE_M if hopper else DEQUANTIZE_THEN_DOT
+    assert cuda_targets(x_shape, jnp.bfloat16, qw) == want
+
+
+@pytest.mark.parametrize("case", ["K not a multiple of 64", "N not a multiple of 8", "2:4 sparse",
+                                  "float32 x"])
+def test_large_m_other_cases_dequantize_then_dot(case, hopper, rng):
+    k, n, sparsity, x_dtype = 256, 64, None, jnp.bfloat16
+    if case == "K not a multiple of 64":
+        k = 224
+    elif case == "N not a multiple of 8":
+        n = 68
+    elif case == "2:4 sparse":
+        sparsity = "2:4"
+    else:
+        x_dtype = jnp.float32
+    qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), 4, 32,
+                             sparsity=sparsity)
+    want = {"jax_lowbit_sparse_dequantize"} if sparsity else DEQUANTIZE_THEN_DOT
+    assert cuda_targets((200, k), x_dtype, qw) == want
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -32,7 +71,9 @@ def test_small_m_uses_fused_kernel(bits, x_shape, x_dtype, rng):
 @pytest.mark.parametrize("case", [
     "too many rows", "float32 x", "int8 codes", "N not a multiple of 4", "K not a multiple of 4P",
     "float32 scales", "float16 scales with bfloat16 x"])
-def test_other_cases_dequantize_then_dot(case, rng):
+def test_other_cases_dequantize_then_dot(case, rng, monkeypatch):
+    monkeypatch.setattr(_extension, "cuda_devices_are_hopper", lambda: False)
+    jax.clear_caches()
     x_shape, x_dtype, qw = (1, 256), jnp.bfloat16, None
     if case == "too many rows":
         x_shape = (lowering.SMALL_M_MAX_ROWS + 1, 256)

@@ -24,7 +24,8 @@ def test_dequantize_kernel_writes_every_element(bits, group_size, symmetric, dty
     assert_kernel_dequantize(qw, dtype)
 
 
-@pytest.mark.parametrize("m", [8, 16, 32, 64, 65])  # small-M (<= 32), mid-M kernels; dequantize + dot
+# small-M (<= 32), mid-M kernels; above 64 the wgmma kernel on sm_90 (else dequantize + dot)
+@pytest.mark.parametrize("m", [8, 16, 32, 64, 65, 300])
 def test_repeated_runs_identical(m, rng):
     qw = jax_lowbit.quantize(rng.normal(size=(1024, 512)).astype(np.float32), 4, 128)
     x = jnp.asarray(rng.normal(size=(m, 1024)), jnp.bfloat16)
@@ -47,6 +48,33 @@ def test_small_m_kernel_writes_every_element(m, bits, group_size, symmetric, dty
     qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, group_size,
                              symmetric=symmetric)
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    assert_kernel_matmul(x, qw)
+
+
+@pytest.mark.parametrize("m", [65, 130, 300])  # partial 64- and 128-row tiles
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+# 128: two pipeline stages (fewer than the ring holds); 4224: 66 stages, and
+# two groups in a stage for 32-row groups
+@pytest.mark.parametrize("k", [128, 4224])
+def test_large_m_kernel_writes_every_element(m, bits, group_size, symmetric, dtype, k, rng):
+    n = 200  # not a multiple of a CTA's 128 or 256 columns
+    qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, group_size,
+                             symmetric=symmetric)
+    x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    assert_kernel_matmul(x, qw)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_large_m_kernel_big_tiles(bits, symmetric, rng):
+    # Enough 256 x 128 tiles for the wide-tile variant; last row tile partial.
+    m, k, n = 2000, 512, 2056
+    qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, 64,
+                             symmetric=symmetric)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
     assert_kernel_matmul(x, qw)
 
 

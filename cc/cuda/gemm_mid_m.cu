@@ -31,7 +31,9 @@
 #include <cstdint>
 
 #include "cuda/convert.cuh"
+#include "cuda/cp_async.cuh"
 #include "cuda/gemm_args.h"
+#include "cuda/kernel_attributes.h"
 #include "cuda/mma_fragments.cuh"
 #include "format.h"
 
@@ -87,29 +89,6 @@ struct MidConfig {
   static constexpr int kSharedBytes =
       kStages * kBytes > kReductionBytes ? kStages * kBytes : kReductionBytes;
 };
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// A source size of 0 fills the 16 bytes with zeros (past K, N or M). No L2
-// evict-first hint on the codes: with one (createpolicy + cache_hint), ptxas
-// 13.0 gave the 64-row kernel a copy whose descriptor register was never set
-// (an illegal instruction on the H100).
-__device__ __forceinline__ void copy16_async(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)),
-               "l"(src), "r"(valid ? 16 : 0));
-}
-// Scale rows are N*2 bytes, only 8-byte aligned for N % 8 == 4.
-__device__ __forceinline__ void copy8_async(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(shared_address(dst)),
-               "l"(src), "r"(valid ? 8 : 0));
-}
-__device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void wait_async() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
 
 // 16-byte chunk c of code word row r is stored at chunk c ^ 2(r % 4): the 8
 // lanes of a quarter warp (g = 2i, 2i + 1; t = 0..3, word row t) then read 8
@@ -312,8 +291,6 @@ __global__ void __launch_bounds__(MidConfig<kBits, kMTiles>::kThreads, 1)
 #endif
 }
 
-constexpr int kMaxDevices = 64;
-
 // A launch of `grid`, whose gridDim.y CTAs along K form one cluster.
 struct ClusterLaunch {
   cudaLaunchConfig_t config = {};
@@ -384,15 +361,9 @@ cudaError_t launch(const GemmArgs& args, cudaStream_t stream) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  // More than 48 KB of dynamic shared memory must be asked for, per device.
-  static std::atomic<bool> opted_in[kMaxDevices];
-  if (device >= kMaxDevices) return cudaErrorInvalidDevice;
-  if (!opted_in[device].load(std::memory_order_relaxed)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               L::kSharedBytes);
-    if (err != cudaSuccess) return err;
-    opted_in[device].store(true, std::memory_order_relaxed);
-  }
+  err = allow_shared_memory<gemm_mid_m_kernel<T, kBits, kMTiles, kSymmetric>>(device,
+                                                                          L::kSharedBytes);
+  if (err != cudaSuccess) return err;
   const int column_ctas = (args.n + kColumns - 1) / kColumns;
   const int stages = (args.k + kStageRows - 1) / kStageRows;
   const int splits = choose_splits(kernel, device, column_ctas, stages, L::kThreads,

@@ -10,6 +10,7 @@ NB_MODULE(_cuda, m) {
     nb::dict targets;
     targets["jax_lowbit_dequantize"] = nb::capsule(reinterpret_cast<void*>(LowbitDequantizeCuda));
     targets["jax_lowbit_gemm_small_m"] = nb::capsule(reinterpret_cast<void*>(LowbitGemmSmallMCuda));
+    targets["jax_lowbit_gemm_large_m"] = nb::capsule(reinterpret_cast<void*>(LowbitGemmLargeMCuda));
     targets["jax_lowbit_quantize_rows"] = nb::capsule(reinterpret_cast<void*>(LowbitQuantizeRowsCuda));
     targets["jax_lowbit_act_quant_gemm"] = nb::capsule(reinterpret_cast<void*>(LowbitActQuantGemmCuda));
     targets["jax_lowbit_sparse_dequantize"] =

@@ -1,0 +1,114 @@
+// Hopper warpgroup MMA (wgmma, sm_90a) as the large-M GEMM uses it: A from
+// registers (dequantized weights), B from shared memory through a matrix
+// descriptor, f32 accumulators. PTX ISA 9.7.15 describes the instructions.
+#ifndef JAX_LOWBIT_CUDA_WGMMA_CUH_
+#define JAX_LOWBIT_CUDA_WGMMA_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace jax_lowbit {
+namespace wgmma {
+
+// Register writes (A fragments, accumulators) must be fenced before a wgmma
+// reads them; commit closes a group of issued wgmmas; wait<N> returns once at
+// most N groups of this warpgroup are still running.
+__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Shared memory written through the generic proxy (cp.async, st.shared) is
+// read by wgmma through the async proxy: each writer fences before the barrier.
+__device__ __forceinline__ void fence_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Matrix descriptor of a K-major operand in the 128-byte swizzle layout:
+// rows of 64 bf16/fp16 (128 bytes) stored one after the other, 16-byte chunk
+// c of row r at chunk c ^ (r % 8), so that the 8 rows of a core-matrix column
+// fall in 8 different bank groups. Groups of 8 rows are 1024 bytes apart (the
+// "stride dimension byte offset"); the "leading dimension" field is unused
+// with swizzling and set to 1. Fields are in 16-byte units; the swizzle
+// pattern repeats every 1024 bytes, so tiles start 1024-byte aligned and a
+// step along K inside the 128-byte rows just advances the start address.
+__device__ __forceinline__ uint64_t descriptor_sw128(uint32_t shared_address) {
+  return uint64_t((shared_address & 0x3FFFF) >> 4) | uint64_t(1) << 16 |
+         uint64_t(1024 >> 4) << 32 | uint64_t(1) << 62;
+}
+
+// The 32 accumulator operands of m64n64: %0 .. %31 in the string.
+#define JAX_LOWBIT_WGMMA_D32_STR \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define JAX_LOWBIT_WGMMA_D32_OUT(d) \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+// The 64 accumulator operands of m64n128: %0 .. %63 in the string.
+#define JAX_LOWBIT_WGMMA_D64_STR \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define JAX_LOWBIT_WGMMA_D64_OUT(d) \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
+// D (64 x N, f32) = A (64 x 16, registers, the m16n8k16 A fragment per warp)
+// x B (16 x N, shared memory, K-major) + (accumulate ? D : 0), for N = 64 and
+// 128; A and B are not negated, B is not transposed. The first MMA of a tile
+// passes accumulate = 0 instead of zeroed accumulators: ptxas serializes
+// every wgmma of a kernel whose accumulators other instructions write.
+#define JAX_LOWBIT_WGMMA_RA(TYPE)                                                            \
+  static __device__ __forceinline__ void mma(float (&d)[32], const uint32_t (&a)[4],         \
+                                             uint64_t b, int accumulate) {                   \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {"            \
+                 JAX_LOWBIT_WGMMA_D32_STR "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"   \
+                 : JAX_LOWBIT_WGMMA_D32_OUT(d)                                               \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));     \
+  }                                                                                          \
+  static __device__ __forceinline__ void mma(float (&d)[64], const uint32_t (&a)[4],         \
+                                             uint64_t b, int accumulate) {                   \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {"           \
+                 JAX_LOWBIT_WGMMA_D64_STR "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"   \
+                 : JAX_LOWBIT_WGMMA_D64_OUT(d)                                               \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));     \
+  }
+
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__nv_bfloat16> {
+  JAX_LOWBIT_WGMMA_RA("bf16")
+};
+template <>
+struct Mma<__half> {
+  JAX_LOWBIT_WGMMA_RA("f16")
+};
+
+#undef JAX_LOWBIT_WGMMA_RA
+#undef JAX_LOWBIT_WGMMA_D32_STR
+#undef JAX_LOWBIT_WGMMA_D32_OUT
+#undef JAX_LOWBIT_WGMMA_D64_STR
+#undef JAX_LOWBIT_WGMMA_D64_OUT
+
+}  // namespace wgmma
+}  // namespace jax_lowbit
+
+#endif  // JAX_LOWBIT_CUDA_WGMMA_CUH_
