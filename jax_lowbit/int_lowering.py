@@ -9,8 +9,15 @@ int8 copy is exact; it doubles the bytes of int4 operands.
 
 CPU: the C++ handler computes the int32 product (cc/cpu/int_matmul.cc); the
 float epilogue (IntEpilogue.apply) is elementwise XLA ops after the call.
-CUDA: XLA's own integer dot, until the fused int8 tensor-core kernel lands
-(issue #5); same epilogue.
+CUDA: int8 with 1 to 64 rows (KERNEL_MAX_ROWS), K and N multiples of 8: the
+int8 tensor-core kernel (cc/cuda/int_gemm_small_m.cu), which reads b in place;
+everything else (int4, more rows, other shapes, a build without the CUDA
+extension): XLA's own integer dot. Same epilogue after either.
+
+int4 stays on XLA's dot on CUDA: the kernel cannot rely on an S4 layout the
+FFI API does not promise (above), and a widening pass to int8 before the call
+would move 2.5x the packed bytes of b (read as int4, written and read as
+int8) before the kernel's own read.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.interpreters import mlir
 
-from jax_lowbit import int_partitioning, partitioning
+from jax_lowbit import _extension, int_partitioning, partitioning
 from jax_lowbit.int_primitives import IntEpilogue, int_matmul_p
 
 
@@ -57,9 +64,31 @@ def xla_integer_dot(a, b):
                                preferred_element_type=jnp.int32)
 
 
-def _int_matmul_xla(a, b, *scales, epilogue: IntEpilogue):
-    # Pending: a fused CUDA kernel on int8 tensor cores (issue #5) replaces this.
-    return epilogue.apply(xla_integer_dot(a, b), scales)
+# The CUDA kernel's range: rows of a, and what K and N must be multiples of
+# (its 8-byte loads of a's and b's rows).
+KERNEL_MAX_ROWS = 64
+KERNEL_K_MULTIPLE = 8
+KERNEL_N_MULTIPLE = 8
+
+
+def uses_int_kernel(dtype, rows: int, k: int, n: int) -> bool:
+    """Whether a CUDA int_matmul of ``rows`` rows of ``dtype`` runs the int8 kernel."""
+    return (jnp.dtype(dtype) == jnp.int8 and _extension.has_cuda()
+            and 1 <= rows <= KERNEL_MAX_ROWS and k > 0 and n > 0
+            and k % KERNEL_K_MULTIPLE == 0 and n % KERNEL_N_MULTIPLE == 0)
+
+
+def _int_matmul_cuda(a, b, *scales, epilogue: IntEpilogue):
+    k, n = b.shape
+    rows = math.prod(a.shape[:-1])
+    if uses_int_kernel(a.dtype, rows, k, n):
+        # ffi_call, not int_matmul_p: this runs inside the partitioned lowering.
+        acc = jax.ffi.ffi_call("jax_lowbit_int_gemm_small_m",
+                               jax.ShapeDtypeStruct((rows, n), jnp.int32))(a.reshape(rows, k), b)
+        acc = acc.reshape(a.shape[:-1] + (n,))
+    else:
+        acc = xla_integer_dot(a, b)
+    return epilogue.apply(acc, scales)
 
 
 def _register(fn, platform: str) -> None:
@@ -70,4 +99,4 @@ def _register(fn, platform: str) -> None:
 
 
 _register(_int_matmul_cpu, "cpu")
-_register(_int_matmul_xla, "cuda")
+_register(_int_matmul_cuda, "cuda")

@@ -13,14 +13,19 @@ from jax_lowbit._extension import target_names
 import spec_reference
 
 
-def _poisoned(fn, shape, dtype, *args):
-    """Runs fn(*args) with its output in a donated NaN-filled buffer; asserts that XLA
-    wrote the output there and that no element is left NaN."""
-    poison = jnp.full(shape, jnp.nan, dtype)
-    pointer = poison.unsafe_buffer_pointer()
-    out = jax.jit(lambda p, *a: fn(*a), donate_argnums=0, keep_unused=True)(poison, *args)
+def _poisoned(fn, shape, dtype, *args, poison=jnp.nan):
+    """Runs fn(*args) with its output in a donated buffer filled with ``poison``
+    (NaN; for an integer output a value the kernel cannot produce); asserts
+    that XLA wrote the output there and that no element is left poisoned."""
+    buffer = jnp.full(shape, poison, dtype)
+    pointer = buffer.unsafe_buffer_pointer()
+    out = jax.jit(lambda p, *a: fn(*a), donate_argnums=0, keep_unused=True)(buffer, *args)
     assert out.unsafe_buffer_pointer() == pointer, (
         "XLA did not write the kernel's output into the poisoned buffer")
+    if jnp.issubdtype(dtype, jnp.integer):
+        got = np.asarray(out).astype(np.int64)
+        assert not np.any(got == poison), "some elements were never written"
+        return got
     got = np.asarray(out.astype(jnp.float32), np.float64)
     assert np.all(np.isfinite(got)), "some elements were never written"
     return got
@@ -47,11 +52,24 @@ def assert_kernel_matmul(x, qw):
     assert np.all(np.abs(got - want) <= tol)
 
 
-def cuda_targets(x_shape, x_dtype, qw) -> set:
-    """The jax_lowbit FFI targets that matmul of an (x_shape, x_dtype) x lowers to on CUDA."""
-    exported = jax.export.export(
-        jax.jit(jax_lowbit.matmul), platforms=["cuda"],
-        disabled_checks=jax_lowbit.export_disabled_checks())(
-            jax.ShapeDtypeStruct(x_shape, x_dtype), qw)
+def _targets(exported) -> set:
     text = exported.mlir_module()
     return {name for name in target_names() if f"custom_call @{name}" in text}
+
+
+def cuda_targets(x_shape, x_dtype, qw) -> set:
+    """The jax_lowbit FFI targets that matmul of an (x_shape, x_dtype) x lowers to on CUDA."""
+    return _targets(jax.export.export(
+        jax.jit(jax_lowbit.matmul), platforms=["cuda"],
+        disabled_checks=jax_lowbit.export_disabled_checks())(
+            jax.ShapeDtypeStruct(x_shape, x_dtype), qw))
+
+
+def int_matmul_cuda_targets(a_shape, n, dtype=jnp.int8) -> set:
+    """The jax_lowbit FFI targets that int_matmul of an (a_shape) a and a (K, n) b
+    lowers to on CUDA (none: XLA's integer dot)."""
+    b = jax.ShapeDtypeStruct((a_shape[-1], n), dtype)
+    return _targets(jax.export.export(
+        jax.jit(jax_lowbit.int_matmul), platforms=["cuda"],
+        disabled_checks=jax_lowbit.export_disabled_checks())(
+            jax.ShapeDtypeStruct(a_shape, dtype), b))

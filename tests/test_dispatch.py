@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import jax_lowbit
-from jax_lowbit import _extension, lowering
+from jax_lowbit import _extension, int_lowering, lowering
 
-from kernel_checks import cuda_targets
+from kernel_checks import cuda_targets, int_matmul_cuda_targets
 
 pytestmark = pytest.mark.skipif(not jax_lowbit.build_info()["cuda"],
                                 reason="built without the CUDA extension")
@@ -91,3 +91,32 @@ def test_other_cases_dequantize_then_dot(case, rng, monkeypatch):
         qw = _weight(rng, scale_dtype=jnp.float16)
     qw = qw if qw is not None else _weight(rng)
     assert cuda_targets(x_shape, x_dtype, qw) == DEQUANTIZE_THEN_DOT
+
+
+INT_KERNEL = {"jax_lowbit_int_gemm_small_m"}
+
+
+@pytest.mark.parametrize("a_shape, n", [
+    ((1, 4096), 4096), ((16, 4096), 6144), ((64, 14336), 4096), ((9, 104), 72), ((2, 3, 64), 8),
+    ((4096,), 8)])
+def test_int_matmul_small_m_uses_int_kernel(a_shape, n):
+    assert int_matmul_cuda_targets(a_shape, n) == INT_KERNEL
+
+
+@pytest.mark.parametrize("case", ["too many rows", "int4", "K not a multiple of 8",
+                                  "N not a multiple of 8", "N odd", "no rows"])
+def test_int_matmul_other_cases_use_xla_dot(case):
+    a_shape, n, dtype = (16, 256), 64, jnp.int8
+    if case == "too many rows":
+        a_shape = (int_lowering.KERNEL_MAX_ROWS + 1, 256)
+    elif case == "int4":
+        dtype = jnp.int4
+    elif case == "K not a multiple of 8":
+        a_shape = (16, 100)
+    elif case == "N not a multiple of 8":
+        n = 68
+    elif case == "N odd":
+        n = 33
+    else:
+        a_shape = (0, 256)
+    assert int_matmul_cuda_targets(a_shape, n, dtype) == set()

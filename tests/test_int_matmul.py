@@ -8,6 +8,8 @@ import pytest
 
 import jax_lowbit
 
+from kernel_checks import _poisoned
+
 RANGES = {jnp.int8: (-128, 127), jnp.int4: (-8, 7)}
 
 
@@ -176,9 +178,11 @@ def test_export_roundtrip(dtype, rng):
     args = (ja, jb, jnp.asarray(a_scale, jnp.float32), jnp.asarray(b_scale, jnp.float32))
     exported = jax.export.export(jax.jit(f), disabled_checks=jax_lowbit.export_disabled_checks())(
         *args)
-    # CPU: our handler; CUDA: XLA's integer dot until the kernel lands.
+    # CPU: our handler; CUDA: the int8 kernel (4 rows), XLA's integer dot for int4.
     on_cpu = jax.default_backend() == "cpu"
     assert ("custom_call @jax_lowbit_int_matmul" in exported.mlir_module()) == on_cpu
+    on_kernel = not on_cpu and dtype == jnp.int8
+    assert ("custom_call @jax_lowbit_int_gemm_small_m" in exported.mlir_module()) == on_kernel
     restored = jax.export.deserialize(exported.serialize())
     exact, scaled = restored.call(*args)
     _exact(exact, a @ b)
@@ -186,14 +190,77 @@ def test_export_roundtrip(dtype, rng):
                                   np.asarray(f(*args)[1], np.float32))
 
 
-def test_cuda_lowers_to_xla_integer_dot(rng):
-    # Until the fused int8 kernel lands (issue #5), CUDA runs XLA's own s8 x s8 -> s32 dot.
+def test_cuda_lowers_int4_to_xla_integer_dot(rng):
+    # int4 on CUDA runs XLA's own s8 x s8 -> s32 dot (int_lowering.py says why);
+    # tests/test_dispatch.py checks which int8 products take the kernel.
     _, _, ja, jb = _operands(rng, (4, 256), 16, jnp.int4)
     exported = jax.export.export(jax.jit(jax_lowbit.int_matmul), platforms=["cuda"])(ja, jb)
     text = exported.mlir_module()
     assert "custom_call" not in text
     assert "stablehlo.dot_general" in text and "tensor<4x256xi8>" in text
     assert "-> tensor<4x16xi32>" in text
+
+
+# --- the CUDA int8 kernel (M <= 64; cc/cuda/int_gemm_small_m.cu) -----------------
+
+KERNEL_MS = [1, 9, 16, 33, 64, 65]  # 65: one row above the kernel, XLA's dot
+# 104 and 16 + 8: K not a multiple of the kernel's 32-row step (handled in the
+# kernel); 100: not a multiple of 8 (XLA's dot). 16384: the largest LLM K.
+KERNEL_KS = [24, 100, 104, 4096, 16384]
+# 8: one lane's columns; 72 and 200: not a multiple of the CTA's 64; 33: odd (XLA's dot).
+KERNEL_NS = [8, 33, 72, 200]
+
+
+def _poisoned_int_matmul(ja, jb):
+    # No product here reaches INT32_MIN (|sum| <= K * 2^14 < 2^31).
+    return _poisoned(jax_lowbit.int_matmul, ja.shape[:-1] + (jb.shape[1],), jnp.int32, ja, jb,
+                     poison=np.iinfo(np.int32).min)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", KERNEL_MS)
+@pytest.mark.parametrize("k", KERNEL_KS)
+@pytest.mark.parametrize("n", KERNEL_NS)
+def test_gpu_kernel_writes_every_element_exactly(m, k, n, rng):
+    a, b, ja, jb = _operands(rng, (m, k), n, jnp.int8)
+    np.testing.assert_array_equal(_poisoned_int_matmul(ja, jb), a @ b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lead", [(2, 3), (4, 1, 16)])
+def test_gpu_kernel_leading_dims(lead, rng):
+    a, b, ja, jb = _operands(rng, lead + (1024,), 136, jnp.int8)
+    np.testing.assert_array_equal(_poisoned_int_matmul(ja, jb), a @ b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_gpu_kernel_extreme_sums(m, sign):
+    # Every product is the largest of its sign, 16384 * 2^14 = 2^28, in every
+    # element, across the cluster's K split.
+    a = np.full((m, 16384), -128, np.int64)
+    b = np.full((16384, 64), -128 if sign > 0 else 127, np.int64)
+    got = _poisoned_int_matmul(jnp.asarray(a, jnp.int8), jnp.asarray(b, jnp.int8))
+    np.testing.assert_array_equal(got, a @ b)
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_sums_wrap_like_xla_dot():
+    # As test_sums_past_int32_wrap_like_xla_dot, with N = 8 so the kernel takes it.
+    k = 2**17 + 1024
+    a, b = jnp.full((1, k), -128, jnp.int8), jnp.full((k, 8), -128, jnp.int8)
+    np.testing.assert_array_equal(np.asarray(jax_lowbit.int_matmul(a, b), np.int64),
+                                  np.full((1, 8), k * 2**14 - 2**32))
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_runs_are_identical(rng):
+    _, _, ja, jb = _operands(rng, (33, 4096), 4096, jnp.int8)
+    f = jax.jit(jax_lowbit.int_matmul)
+    first = np.asarray(f(ja, jb))
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(f(ja, jb)), first)
 
 
 # --- differentiation and bad input ---------------------------------------------------

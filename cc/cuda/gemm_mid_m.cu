@@ -21,7 +21,6 @@
 //    workspace and no second kernel. Without clusters (sm_80) K is not split.
 // Requires N % 4 == 0, K % (4 * codes per word) == 0, power-of-two groups of
 // at least 32 rows (the handler checks), M <= 64.
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -30,6 +29,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "cuda/cluster_split.cuh"
 #include "cuda/convert.cuh"
 #include "cuda/cp_async.cuh"
 #include "cuda/gemm_args.h"
@@ -44,7 +44,6 @@ constexpr int kStrips = 4;  // 32-column strips per CTA
 constexpr int kColumns = 32 * kStrips;
 constexpr int kStageRows = 256;                 // K rows per pipeline stage
 constexpr int kMaxScaleRows = kStageRows / 32;  // groups are at least 32 rows
-constexpr int kMaxSplits = 8;                   // the portable cluster size
 constexpr int kMinStagesPerSplit = 4;           // below this the prologue dominates
 // 33 to 64 rows. With 16 and 32 rows (2 and 4 tiles) this kernel lost to the
 // small-M kernel on the H100 (docs/perf.md), so only the 8-tile form is built.
@@ -269,89 +268,14 @@ __global__ void __launch_bounds__(MidConfig<kBits, kMTiles>::kThreads, 1)
     }
   }
   if (splits == 1) return;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Each CTA of the cluster finishes an equal share of the tile, adding the
   // CTAs' sums in rank order.
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  cluster.sync();
-  const int rank = int(cluster.block_rank());
-  const int first = kTile * rank / splits, last = kTile * (rank + 1) / splits;
-  for (int i = first + threadIdx.x; i < last; i += kThreads) {
-    const int m = i / kColumns, col = col_base + i % kColumns;
-    if (m < p.m && col < p.n) {
-      float sum = 0.f;
-      for (int other = 0; other < splits; ++other) sum += cluster.map_shared_rank(partial, other)[i];
-      p.y[int64_t(m) * p.n + col] = from_float<T>(sum);
-    }
-  }
-  cluster.sync();  // the other CTAs' shared memory must outlive the reads
-#else
-  __trap();  // the launcher splits K only on devices with clusters
-#endif
-}
-
-// A launch of `grid`, whose gridDim.y CTAs along K form one cluster.
-struct ClusterLaunch {
-  cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute cluster = {};
-  ClusterLaunch(dim3 grid, int threads, int shared_bytes, cudaStream_t stream) {
-    config.gridDim = grid;
-    config.blockDim = dim3(threads);
-    config.dynamicSmemBytes = shared_bytes;
-    config.stream = stream;
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = 1;
-    cluster.val.clusterDim.y = grid.y;
-    cluster.val.clusterDim.z = 1;
-    config.attrs = &cluster;
-    config.numAttrs = grid.y > 1 ? 1 : 0;
-  }
-  ClusterLaunch(const ClusterLaunch&) = delete;  // config points at cluster
-};
-
-// How many CTAs of `kernel` run at once with clusters of `splits` CTAs, per
-// device (clusters must fit in one GPC, so this is below the SM count).
-// Cached: the occupancy query is not free and the answer never changes.
-template <typename Kernel>
-int concurrent_ctas(Kernel kernel, int device, int splits, int threads, int shared_bytes) {
-  static std::atomic<int> cache[kMaxDevices][kMaxSplits + 1];
-  if (device < 0 || device >= kMaxDevices) return 0;
-  int known = cache[device][splits].load(std::memory_order_relaxed);
-  if (known != 0) return known;
-  const ClusterLaunch launch(dim3(1, splits), threads, shared_bytes, nullptr);
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) != cudaSuccess) {
-    cudaGetLastError();  // clear it: this split is simply not used
-    clusters = 0;
-  }
-  known = clusters > 0 ? clusters * splits : -1;  // -1 caches "cannot run"
-  cache[device][splits].store(known, std::memory_order_relaxed);
-  return known;
-}
-
-// The split of K that finishes soonest: waves of CTAs over the concurrent
-// CTAs, each wave 1/splits of K long; ties keep fewer splits (less reduction).
-template <typename Kernel>
-int choose_splits(Kernel kernel, int device, int column_ctas, int stages, int threads,
-                  int shared_bytes) {
-  int major = 0, sms = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (major < 9 || sms <= 0) return 1;
-  const int max_splits = std::min(kMaxSplits, std::max(1, stages / kMinStagesPerSplit));
-  int best = 1;
-  double best_time = double((column_ctas + sms - 1) / sms);
-  for (int s = 2; s <= max_splits; ++s) {
-    const int concurrent = concurrent_ctas(kernel, device, s, threads, shared_bytes);
-    if (concurrent <= 0) continue;
-    const double time = double((column_ctas * s + concurrent - 1) / concurrent) / s;
-    if (time < best_time - 1e-9) {
-      best = s;
-      best_time = time;
-    }
-  }
-  return best;
+  add_across_cluster<float>(
+      partial, kTile,
+      [&](int i) { return i / kColumns < p.m && col_base + i % kColumns < p.n ? i : -1; },
+      [&](int i, float sum) {
+        p.y[int64_t(i / kColumns) * p.n + col_base + i % kColumns] = from_float<T>(sum);
+      });
 }
 
 template <typename T, int kBits, int kMTiles, bool kSymmetric>
@@ -366,8 +290,10 @@ cudaError_t launch(const GemmArgs& args, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   const int column_ctas = (args.n + kColumns - 1) / kColumns;
   const int stages = (args.k + kStageRows - 1) / kStageRows;
-  const int splits = choose_splits(kernel, device, column_ctas, stages, L::kThreads,
-                                   L::kSharedBytes);
+  const int splits =
+      choose_splits<gemm_mid_m_kernel<T, kBits, kMTiles, kSymmetric>>(
+          device, column_ctas, std::max(1, stages / kMinStagesPerSplit), L::kThreads,
+          L::kSharedBytes);
 
   const int group_shift = args.group_shift;
   const int groups = group_shift >= 31 ? 1 : args.k >> group_shift;

@@ -202,6 +202,22 @@ struct SignedCodes<4> {
   }
 };
 
+// A 4 x 4 byte transpose in registers: r[i] holds row i, columns 0..3 (byte c
+// is column c); out[c] then holds column c, rows 0..3 (byte i is row i). This
+// turns four row-major int8 rows of a (K, N) matrix into four A (or B) fragment
+// registers of four K rows each. Eight prmt: the first four interleave
+// rows 0/1 and 2/3 byte by byte (column pairs), the last four join the halves.
+__device__ __forceinline__ void transpose_bytes_4x4(const uint32_t (&r)[4], uint32_t (&out)[4]) {
+  const uint32_t r01_lo = __byte_perm(r[0], r[1], 0x5140);  // r0.c0 r1.c0 r0.c1 r1.c1
+  const uint32_t r01_hi = __byte_perm(r[0], r[1], 0x7362);  // r0.c2 r1.c2 r0.c3 r1.c3
+  const uint32_t r23_lo = __byte_perm(r[2], r[3], 0x5140);
+  const uint32_t r23_hi = __byte_perm(r[2], r[3], 0x7362);
+  out[0] = __byte_perm(r01_lo, r23_lo, 0x5410);
+  out[1] = __byte_perm(r01_lo, r23_lo, 0x7632);
+  out[2] = __byte_perm(r01_hi, r23_hi, 0x5410);
+  out[3] = __byte_perm(r01_hi, r23_hi, 0x7632);
+}
+
 }  // namespace jax_lowbit
 
 #endif  // JAX_LOWBIT_CUDA_MMA_FRAGMENTS_CUH_

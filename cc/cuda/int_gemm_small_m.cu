@@ -1,0 +1,244 @@
+// int_matmul for 1 to 64 rows: y (M, N) int32 = a (M, K) int8 @ b (K, N) int8,
+// exact (sums wrap modulo 2^32 like XLA's int32 dot), on int8 tensor cores
+// (mma.m16n8k32 s8, sm_80+), with b read in place in its row-major layout.
+//
+// Why this shape: at M <= 64 the product is bound by reading b (K * N bytes,
+// half of a bf16 weight's); a repack of b into fragment order would read and
+// write it once more in HBM. So b is the MMA's A operand (y^T = b^T a^T: MMA
+// rows are columns of b, MMA columns are rows of a) and its bytes are
+// transposed in registers; a is the B operand, which with the K-slot order
+// below needs no shuffling at all.
+//  * A CTA owns 64 output columns and all M rows; its 8 warps split its K
+//    range in batches of kUnroll 32-row steps, round robin. Lane (g, t) loads
+//    columns 8g .. 8g+7 (one 8-byte load) of K rows 8t .. 8t+7 of a step:
+//    a warp's load instruction reads 4 rows x 64 contiguous bytes (full 32-byte
+//    sectors), the whole step is 32 rows x 64 bytes.
+//  * K-slot order (free, as long as A and B agree; both depend on t alone):
+//    slots 4t .. 4t+3 are K rows 8t .. 8t+3 and slots 16+4t .. 16+4t+3 are
+//    rows 8t+4 .. 8t+7. The B fragment of row m of a is then its 8 bytes
+//    a[m, 8t .. 8t+7] as loaded: b0 = .x, b1 = .y, no prmt.
+//  * The lane's 8 row words of each 4-column half go through a 4x4 byte
+//    transpose (8 prmt, transpose_bytes_4x4) into column words: column c,
+//    K rows 8t+4h .. +3. MMA j (0..3) takes columns 2j and 2j+1 of the lane's
+//    eight as MMA rows g and g+8: 4 MMAs per M tile and step cover the 64
+//    columns. 2 prmt per A register, against 4 mma per 8 loads: cheap.
+//  * K is split further across the CTAs of a cluster on sm_90 (a 4096-column
+//    layer has only 64 column strips for 132 SMs); the CTAs' sums meet in
+//    distributed shared memory (cluster_split.cuh). Integer sums are
+//    associative, so every order of addition gives the same bits.
+//  * The int32 epilogue only: a_scale / b_scale / out_dtype are elementwise
+//    XLA ops after the call (IntEpilogue.apply), as on CPU. At M <= 64 the
+//    int32 result is at most 256 / K of b's bytes.
+// Requires K % 8 == 0 (8-byte loads of a's rows), N % 8 == 0 (8-byte loads of
+// b's rows) and M <= 64; the lowering routes other shapes to XLA's integer dot.
+// K % 32 != 0 is handled: rows past K are not loaded and count as zero.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/cluster_split.cuh"
+#include "cuda/handlers.h"
+#include "cuda/launch_status.h"
+#include "cuda/m_tiles.cuh"
+#include "cuda/mma_fragments.cuh"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_lowbit {
+namespace {
+
+namespace ffi = xla::ffi;
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kColumns = 64;   // output columns per CTA: 8 per lane g
+constexpr int kStepRows = 32;  // K rows of one m16n8k32 step
+constexpr int kMaxRows = 64;   // 8 M tiles of 8 rows (the MMA's N)
+
+// Steps a warp has in flight at once (8 eight-byte loads of b each, plus one
+// of a per M tile), and CTAs per SM. The accumulators take 16 registers per
+// M tile. Up to 4 tiles two CTAs (16 warps) share an SM in 128 registers a
+// lane, with 4, 3, 2 steps in flight (ptxas 13.0: 119, 122, 128 registers, no
+// spills; 4 steps at 2 tiles spilled). 8 tiles (128 accumulators) take one
+// CTA's whole register file (246 registers) and 3 steps, so an SM has
+// 8 warps x 3 steps x 2 KB of b in flight, as much as 16 warps x 1 step.
+template <int kMTiles>
+struct IntConfig {
+  static constexpr int kUnroll = kMTiles == 1 ? 4 : kMTiles == 2 ? 3 : kMTiles == 4 ? 2 : 3;
+  static constexpr int kCtasPerSm = kMTiles <= 4 ? 2 : 1;
+};
+
+// Shared-memory sums, row stride 65 (one bank per row) and columns 32..63
+// one bank further: the lanes of a warp adding accumulator register r of MMA
+// j (row 2t + r % 2 of an M tile, column 8g + 2j + r / 2) then hit 32
+// distinct banks (2t + 8 (g % 4) + g / 4, mod 32).
+constexpr int kSumStride = kColumns + 1;
+__device__ __forceinline__ int sum_index(int row, int col) {
+  return row * kSumStride + col + (col >> 5);
+}
+
+struct IntParams {
+  const int8_t* a;  // (m, k)
+  const int8_t* b;  // (k, n)
+  int32_t* y;       // (m, n)
+  int m, k, n;
+};
+
+template <int kMTiles>
+__global__ void __launch_bounds__(kThreads, IntConfig<kMTiles>::kCtasPerSm)
+    int_gemm_small_m_kernel(const IntParams p) {
+  constexpr int kUnroll = IntConfig<kMTiles>::kUnroll;
+  constexpr int kRows = 8 * kMTiles;
+  __shared__ int32_t sums[kRows * kSumStride];
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int strip = blockIdx.x * kColumns;
+  const int col0 = strip + 8 * g;
+  const bool col_ok = col0 < p.n;  // N % 8 == 0: a lane's 8 columns are all in or all out
+  const int steps = (p.k + kStepRows - 1) / kStepRows;
+  const int splits = gridDim.y;
+  const int begin = int(int64_t{steps} * blockIdx.y / splits);
+  const int end = int(int64_t{steps} * (blockIdx.y + 1) / splits);
+
+  for (int i = threadIdx.x; i < kRows * kSumStride; i += kThreads) sums[i] = 0;
+
+  int32_t acc[kMTiles][4][4] = {};
+  for (int base = begin + warp * kUnroll; base < end; base += kWarps * kUnroll) {
+    // All loads of the batch first, so kUnroll steps' DRAM round trips overlap.
+    uint2 rows[kUnroll][8];
+    uint2 xv[kUnroll][kMTiles];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int step = base + u;
+      // Past the CTA's range the next CTA's rows would be counted twice; past
+      // K there are none.
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int row = step * kStepRows + 8 * t + i;
+        const bool ok = step < end && row < p.k && col_ok;
+        rows[u][i] = ok ? load_streaming(reinterpret_cast<const uint2*>(
+                              p.b + int64_t{row} * p.n + col0))
+                        : make_uint2(0, 0);
+      }
+      const int kk = step * kStepRows + 8 * t;  // K % 8 == 0: all 8 in or all out
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        const int m = 8 * mt + g;
+        const bool ok = step < end && kk < p.k && m < p.m;
+        xv[u][mt] = ok ? __ldg(reinterpret_cast<const uint2*>(p.a + int64_t{m} * p.k + kk))
+                       : make_uint2(0, 0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u >= end) break;  // warp-uniform
+      // words[h][q][i]: column 4q + i of the lane's 8, K rows 8t + 4h .. 8t + 4h + 3.
+      uint32_t words[2][2][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t lo_rows[4] = {rows[u][4 * h].x, rows[u][4 * h + 1].x,
+                                     rows[u][4 * h + 2].x, rows[u][4 * h + 3].x};
+        const uint32_t hi_rows[4] = {rows[u][4 * h].y, rows[u][4 * h + 1].y,
+                                     rows[u][4 * h + 2].y, rows[u][4 * h + 3].y};
+        transpose_bytes_4x4(lo_rows, words[h][0]);
+        transpose_bytes_4x4(hi_rows, words[h][1]);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        // MMA rows g, g + 8 = columns 2j, 2j + 1; registers 0, 1 hold K slots
+        // 4t.. (rows 8t..8t+3), registers 2, 3 slots 16+4t.. (rows 8t+4..8t+7).
+        const int q = j / 2, i = 2 * (j % 2);
+        const uint32_t frag[4] = {words[0][q][i], words[0][q][i + 1], words[1][q][i],
+                                  words[1][q][i + 1]};
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) mma_s8(acc[mt][j], frag, xv[u][mt].x, xv[u][mt].y);
+      }
+    }
+  }
+
+  // The warps' sums meet in shared memory; int32 atomics wrap like the MMA's
+  // own sums, and any order gives the same bits. Register r of MMA j, tile mt
+  // is row 8 mt + 2t + r % 2 of a, column 8g + 2j + r / 2 of the strip.
+  __syncthreads();  // the zeroed sums are visible
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        atomicAdd(&sums[sum_index(8 * mt + 2 * t + r % 2, 8 * g + 2 * j + r / 2)], acc[mt][j][r]);
+      }
+    }
+  }
+  __syncthreads();
+
+  // Row-major y: consecutive threads write consecutive columns of a row.
+  const int elements = min(kRows, p.m) * kColumns;
+  if (splits == 1) {
+    for (int i = threadIdx.x; i < elements; i += kThreads) {
+      const int row = i / kColumns, col = i % kColumns;
+      if (strip + col < p.n) p.y[int64_t{row} * p.n + strip + col] = sums[sum_index(row, col)];
+    }
+    return;
+  }
+  // Each CTA of the cluster finishes an equal share of the strip, reading the
+  // other CTAs' sums through distributed shared memory; unsigned, so the sum
+  // wraps modulo 2^32 without undefined behaviour.
+  add_across_cluster<uint32_t>(
+      sums, elements,
+      [&](int i) { return strip + i % kColumns < p.n ? sum_index(i / kColumns, i % kColumns) : -1; },
+      [&](int i, uint32_t sum) {
+        p.y[int64_t{i / kColumns} * p.n + strip + i % kColumns] = static_cast<int32_t>(sum);
+      });
+}
+
+template <int kMTiles>
+cudaError_t launch(const IntParams& p, cudaStream_t stream) {
+  constexpr auto kKernel = int_gemm_small_m_kernel<kMTiles>;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const int column_ctas = (p.n + kColumns - 1) / kColumns;
+  const int steps = (p.k + kStepRows - 1) / kStepRows;
+  // Each warp of a split gets at least one batch of steps.
+  const int max_splits = steps / (kWarps * IntConfig<kMTiles>::kUnroll);
+  const int splits = choose_splits<kKernel>(device, column_ctas, max_splits, kThreads, 0);
+  const ClusterLaunch config(dim3(column_ctas, splits), kThreads, 0, stream);
+  err = cudaLaunchKernelEx(&config.config, kKernel, p);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+ffi::Error int_gemm_small_m_impl(cudaStream_t stream, ffi::Buffer<ffi::S8> a,
+                                 ffi::Buffer<ffi::S8> b, ffi::Result<ffi::Buffer<ffi::S32>> y) {
+  const auto a_dims = a.dimensions();
+  const auto b_dims = b.dimensions();
+  const auto y_dims = y->dimensions();
+  if (a_dims.size() != 2 || b_dims.size() != 2 || y_dims.size() != 2 || a_dims[1] != b_dims[0] ||
+      y_dims[0] != a_dims[0] || y_dims[1] != b_dims[1]) {
+    return ffi::Error::InvalidArgument("int_gemm_small_m: needs a (M, K), b (K, N), y (M, N)");
+  }
+  const int64_t m = a_dims[0], k = a_dims[1], n = b_dims[1];
+  if (m > kMaxRows || k % 8 != 0 || n % 8 != 0 || k > INT32_MAX / 2 || n > INT32_MAX / 2) {
+    return ffi::Error::InvalidArgument(
+        "int_gemm_small_m: needs M <= 64, K % 8 == 0 and N % 8 == 0");
+  }
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  const IntParams p{a.typed_data(), b.typed_data(), y->typed_data(), static_cast<int>(m),
+                    static_cast<int>(k), static_cast<int>(n)};
+  return launch_status(
+      with_m_tiles<8>(p.m, [&](auto tiles) { return launch<decltype(tiles)::value>(p, stream); }),
+      "int_gemm_small_m");
+}
+
+}  // namespace
+}  // namespace jax_lowbit
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitIntGemmSmallMCuda, jax_lowbit::int_gemm_small_m_impl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S8>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S8>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>(),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
