@@ -2,10 +2,11 @@
 
 CPU: the C++ handlers take float32 scales, offsets, x and y; dtype
 conversions around the call are left to XLA, which fuses them.
-CUDA: matmul with int4/int2 codes, bf16/fp16 x and at most 32 rows runs the
-fused small-M kernel (cc/cuda/gemm_small_m.cu, or gemm_sparse_small_m.cu for
-2:4 sparse weights); everything else is the dequantize kernel followed by
-XLA's dot. 2:4 sparse weights have targets of their own ("jax_lowbit_sparse_*"),
+CUDA: matmul with int4/int2 codes, bf16/fp16 x and at most 64 rows runs a
+fused kernel through one handler (cc/cuda/gemm_small_m.cu, which picks the
+small-M or mid-M kernel by M, or gemm_sparse_small_m.cu for 2:4 sparse
+weights, which picks its direct or staged kernel); everything else is the
+dequantize kernel followed by XLA's dot. 2:4 sparse weights have targets of their own ("jax_lowbit_sparse_*"),
 which also read the metadata. The CPU and dequantize handlers compute
 ``code * scale + offset``; symmetric weights get their offset
 ``-2^(bits-1) * scale`` here.
@@ -76,7 +77,7 @@ def _dequantize_cuda(*weight, fmt: WeightFormat, dtype):
 
 
 SMALL_M_MAX_ROWS = 64
-SPARSE_SMALL_M_MAX_ROWS = 32  # 2:4 sparse weights: no mid-M kernel yet
+SPARSE_SMALL_M_MAX_ROWS = 64  # 2:4 sparse: direct kernel up to 8 rows, staged kernel 9..64
 
 
 def uses_small_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> bool:
