@@ -2,11 +2,12 @@
 
 CPU: the C++ handlers take float32 scales, offsets, x and y; dtype
 conversions around the call are left to XLA, which fuses them.
-CUDA: matmul with int4/int2 codes and bf16/fp16 x runs a fused kernel: up
-to 64 rows the small-M and mid-M kernels (cc/cuda/gemm_small_m.cu,
-gemm_mid_m.cu; gemm_sparse_small_m.cu up to 32 rows for 2:4 sparse
-weights), above that on sm_90 GPUs the wgmma kernel (gemm_large_m.cu);
-everything else is the dequantize kernel followed by XLA's dot. 2:4 sparse weights have targets of their own ("jax_lowbit_sparse_*"),
+CUDA: matmul with int4/int2 codes and bf16/fp16 x runs a fused kernel. Up
+to 64 rows one handler per format picks it by M (cc/cuda/gemm_small_m.cu:
+the small-M or mid-M kernel; gemm_sparse_small_m.cu for 2:4 sparse weights:
+its direct or staged kernel); above 64 rows of dense weights, on sm_90 GPUs,
+the wgmma kernel (gemm_large_m.cu). Everything else is the dequantize kernel
+followed by XLA's dot. 2:4 sparse weights have targets of their own ("jax_lowbit_sparse_*"),
 which also read the metadata. The CPU and dequantize handlers compute
 ``code * scale + offset``; symmetric weights get their offset
 ``-2^(bits-1) * scale`` here.
@@ -77,7 +78,7 @@ def _dequantize_cuda(*weight, fmt: WeightFormat, dtype):
 
 
 SMALL_M_MAX_ROWS = 64
-SPARSE_SMALL_M_MAX_ROWS = 32  # 2:4 sparse weights: no mid-M kernel yet
+SPARSE_SMALL_M_MAX_ROWS = 64  # 2:4 sparse: direct kernel up to 8 rows, staged kernel 9..64
 
 
 def uses_small_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> bool:

@@ -303,7 +303,8 @@ def test_inconsistent_arrays_are_refused_at_trace_time(rng):
 def test_cuda_dispatch(rng):
     qw = _cached_sparse(256, 64)
     fused, dequantize = {"jax_lowbit_sparse_gemm_small_m"}, {"jax_lowbit_sparse_dequantize"}
-    for rows in (1, 16, lowering.SPARSE_SMALL_M_MAX_ROWS):
+    assert lowering.SPARSE_SMALL_M_MAX_ROWS == 64
+    for rows in (1, 16, 33, lowering.SPARSE_SMALL_M_MAX_ROWS):
         assert cuda_targets((rows, 256), jnp.bfloat16, qw) == fused
         assert cuda_targets((rows, 256), jnp.float16, qw) == fused
     assert cuda_targets((lowering.SPARSE_SMALL_M_MAX_ROWS + 1, 256), jnp.bfloat16, qw) == dequantize
@@ -325,7 +326,7 @@ def test_gpu_dequantize_writes_every_element(group_size, symmetric, dtype, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 3, 9, 16, 17, 32])  # each M-tile count, partial tiles
+@pytest.mark.parametrize("m", [1, 3, 9, 16, 17, 32])  # direct kernel to 8 rows, then staged
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -337,7 +338,22 @@ def test_gpu_small_m_kernel_writes_every_element(m, group_size, symmetric, dtype
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 9, 32])
+@pytest.mark.parametrize("m", [9, 17, 33, 48, 64])  # the staged kernel: 2, 4 and 8 M tiles
+# K: one step (64 rows); a last stage of one step (576); both with a split over
+# a cluster (4160: 65 steps, 8 CTAs of unequal length); 33 full stages split
+# (4224). N: one CTA of 256 columns, partly past N; N % 8 == 4 (scale and
+# metadata rows only 8-byte aligned) over four CTAs.
+@pytest.mark.parametrize("k, n, group_size", [(64, 200, 32), (576, 1004, -1), (4160, 200, 64),
+                                              (4224, 1004, 128)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_staged_kernel_writes_every_element(m, k, n, group_size, symmetric, dtype, rng):
+    x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    assert_kernel_matmul(x, _sparse(rng, k, n, group_size, symmetric))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 9, 32, 64])  # the direct kernel, then the staged one
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gpu_small_m_kernel_on_random_words(m, symmetric, rng):
     """Every valid nibble in every position: catches a wrong metadata lane or selector."""
@@ -348,17 +364,18 @@ def test_gpu_small_m_kernel_on_random_words(m, symmetric, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16, 17, 64, 300, 4096])
 def test_gpu_matmul(m, rng):
-    """Both paths, fused (M <= 32) and dequantize + XLA's dot, against the spec."""
+    """Both paths, fused (M <= 64) and dequantize + XLA's dot, against the spec."""
     qw = _sparse(rng, 1024, 384, 128, symmetric=bool(m % 2))
     x = jnp.asarray(rng.normal(size=(m, 1024)), jnp.bfloat16)
     _check_product(jax.jit(jax_lowbit.matmul)(x, qw), x, qw)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [16, 32, 64])  # fused kernel (16, 32 rows), dequantize + dot
+# The staged kernel with K split over a cluster (16, 33, 64 rows), dequantize + dot.
+@pytest.mark.parametrize("m", [16, 33, 64, 65])
 def test_gpu_repeated_runs_identical(m, rng):
-    qw = _sparse(rng, 1024, 512)
-    x = jnp.asarray(rng.normal(size=(m, 1024)), jnp.bfloat16)
+    qw = _sparse(rng, 4096, 512)
+    x = jnp.asarray(rng.normal(size=(m, 4096)), jnp.bfloat16)
     f = jax.jit(jax_lowbit.matmul)
     first = np.asarray(f(x, qw).astype(jnp.float32))
     for _ in range(3):

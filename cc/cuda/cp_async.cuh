@@ -19,10 +19,16 @@ __device__ __forceinline__ void copy16_async(void* dst, const void* src, bool va
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)),
                "l"(src), "r"(valid ? 16 : 0));
 }
-// Scale rows are N*2 bytes, only 8-byte aligned for N % 8 == 4.
+// Scale rows are N*2 bytes, only 8-byte aligned for N % 8 == 4 (so are the
+// rows of 2:4 metadata).
 __device__ __forceinline__ void copy8_async(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(shared_address(dst)),
                "l"(src), "r"(valid ? 8 : 0));
+}
+// One pair of activations, for layouts that reorder x at pair granularity.
+__device__ __forceinline__ void copy4_async(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_address(dst)),
+               "l"(src), "r"(valid ? 4 : 0));
 }
 __device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
 // Returns once at most kPending of this thread's committed groups are in flight.

@@ -26,15 +26,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 
-#include "cuda/cluster_split.cuh"
 #include "cuda/convert.cuh"
-#include "cuda/cp_async.cuh"
 #include "cuda/gemm_args.h"
-#include "cuda/kernel_attributes.h"
 #include "cuda/mma_fragments.cuh"
+#include "cuda/staged_gemm.cuh"
 #include "format.h"
 
 namespace jax_lowbit {
@@ -48,16 +45,6 @@ constexpr int kMinStagesPerSplit = 4;           // below this the prologue domin
 // 33 to 64 rows. With 16 and 32 rows (2 and 4 tiles) this kernel lost to the
 // small-M kernel on the H100 (docs/perf.md), so only the 8-tile form is built.
 constexpr int kMidMTiles = 8;
-
-template <typename T>
-struct MidParams {
-  const T* x;
-  const uint32_t* codes;
-  const T* scales;
-  const T* offsets;
-  T* y;
-  int m, k, n, groups, group_shift;
-};
 
 // Warps and the byte layout of one stage of the ring, for kMTiles tiles of
 // 8 rows of x.
@@ -89,15 +76,8 @@ struct MidConfig {
       kStages * kBytes > kReductionBytes ? kStages * kBytes : kReductionBytes;
 };
 
-// 16-byte chunk c of code word row r is stored at chunk c ^ 2(r % 4): the 8
-// lanes of a quarter warp (g = 2i, 2i + 1; t = 0..3, word row t) then read 8
-// distinct chunks of a 128-byte window, where unswizzled they hit the same banks.
-__device__ __forceinline__ int swizzled_chunk(int chunk, int word_row) {
-  return chunk ^ (2 * (word_row & 3));
-}
-
 template <typename T, int kBits, int kMTiles, bool kSymmetric>
-__device__ __forceinline__ void load_stage(char* stage, const MidParams<T>& p, int stage_index,
+__device__ __forceinline__ void load_stage(char* stage, const StagedParams<T>& p, int stage_index,
                                            int col_base) {
   using L = MidConfig<kBits, kMTiles>;
   constexpr int kThreads = L::kThreads;
@@ -118,21 +98,9 @@ __device__ __forceinline__ void load_stage(char* stage, const MidParams<T>& p, i
     copy16_async(stage + L::kXOffset + m * L::kXRowBytes + 16 * c,
                  ok ? p.x + int64_t(m) * p.k + kk : p.x, ok);
   }
-  // The scale groups this stage touches: one for groups of 256 rows or more.
-  const int first_group = k0 >> p.group_shift;
-  const int group_rows = p.group_shift >= 8 ? 1 : kStageRows >> p.group_shift;
-  for (int i = threadIdx.x; i < group_rows * (kColumns / 4); i += kThreads) {
-    const int r = i / (kColumns / 4), c = i % (kColumns / 4);
-    const int col = col_base + 4 * c;
-    const bool ok = first_group + r < p.groups && col < p.n;
-    const int64_t at = int64_t(first_group + r) * p.n + col;
-    copy8_async(stage + L::kScaleOffset + r * L::kScaleRowBytes + 8 * c,
-                ok ? p.scales + at : p.scales, ok);
-    if (!kSymmetric) {
-      copy8_async(stage + L::kOffsetOffset + r * L::kScaleRowBytes + 8 * c,
-                  ok ? p.offsets + at : p.offsets, ok);
-    }
-  }
+  copy_stage_scales<T, kSymmetric, kColumns, kThreads, kStageRows>(
+      stage + L::kScaleOffset, stage + L::kOffsetOffset, L::kScaleRowBytes, p.scales, p.offsets,
+      k0, p.group_shift, p.groups, p.n, col_base);
 }
 
 template <typename T, int kBits, int kMTiles, bool kSymmetric>
@@ -152,14 +120,9 @@ __device__ __forceinline__ void compute_stage(const char* stage, int group_shift
     const uint4 w = *reinterpret_cast<const uint4*>(stage + r * L::kCodeRowBytes +
                                                      16 * swizzled_chunk(8 * strip + g, r));
     const int scale_row = group_shift >= 8 ? 0 : (r * L::kPerWord) >> group_shift;
-    const int scale_at = scale_row * L::kScaleRowBytes + 2 * (32 * strip + 4 * g);
-    const uint2 s = *reinterpret_cast<const uint2*>(stage + L::kScaleOffset + scale_at);
-    const uint2 o = kSymmetric ? make_uint2(0, 0)
-                               : *reinterpret_cast<const uint2*>(stage + L::kOffsetOffset + scale_at);
-    const uint32_t scale[4] = {broadcast_low(s.x), broadcast_high(s.x), broadcast_low(s.y),
-                               broadcast_high(s.y)};
-    const uint32_t offset[4] = {broadcast_low(o.x), broadcast_high(o.x), broadcast_low(o.y),
-                                broadcast_high(o.y)};
+    uint32_t scale[4], offset[4];
+    staged_scales<kSymmetric>(stage + L::kScaleOffset, stage + L::kOffsetOffset,
+                              L::kScaleRowBytes, scale_row, 8 * strip + g, scale, offset);
     const uint32_t word[4] = {w.x, w.y, w.z, w.w};
     // Columns 2p and 2p + 1 of the lane's four are MMA rows g and g + 8.
     uint32_t a[2][kHalves][4];
@@ -199,7 +162,7 @@ __device__ __forceinline__ void compute_stage(const char* stage, int group_shift
 
 template <typename T, int kBits, int kMTiles, bool kSymmetric>
 __global__ void __launch_bounds__(MidConfig<kBits, kMTiles>::kThreads, 1)
-    gemm_mid_m_kernel(MidParams<T> p) {
+    gemm_mid_m_kernel(StagedParams<T> p) {
   using L = MidConfig<kBits, kMTiles>;
   constexpr int kThreads = L::kThreads;
   extern __shared__ __align__(16) char smem[];
@@ -236,71 +199,26 @@ __global__ void __launch_bounds__(MidConfig<kBits, kMTiles>::kThreads, 1)
     compute_stage<T, kBits, kMTiles, kSymmetric>(smem + ((j - begin) % L::kStages) * L::kBytes,
                                                  p.group_shift, strip, k_lane, g, t, acc);
   }
-  wait_async<0>();
-  __syncthreads();
-
-  // Partial sums of the four k lanes of each strip, added in k-lane order.
-  float* partial = reinterpret_cast<float*>(smem);
-  constexpr int kTile = L::kRows * kColumns;
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-    for (int pi = 0; pi < 2; ++pi) {
-      const int c = 32 * strip + 4 * g + 2 * pi;  // accumulator rows g, g + 8
-      const int r = 8 * mt + 2 * t;               // accumulator columns 2t, 2t + 1
-      float* out = partial + k_lane * kTile;
-      out[r * kColumns + c] = acc[mt][pi][0];
-      out[(r + 1) * kColumns + c] = acc[mt][pi][1];
-      out[r * kColumns + c + 1] = acc[mt][pi][2];
-      out[(r + 1) * kColumns + c + 1] = acc[mt][pi][3];
-    }
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < kTile; i += kThreads) {
-    float sum = 0.f;
-#pragma unroll
-    for (int q = 0; q < L::kKLanes; ++q) sum += partial[q * kTile + i];
-    const int m = i / kColumns, col = col_base + i % kColumns;
-    if (splits == 1) {
-      if (m < p.m && col < p.n) p.y[int64_t(m) * p.n + col] = from_float<T>(sum);
-    } else {
-      partial[i] = sum;  // read by the whole cluster below
-    }
-  }
-  if (splits == 1) return;
-  // Each CTA of the cluster finishes an equal share of the tile, adding the
-  // CTAs' sums in rank order.
-  add_across_cluster<float>(
-      partial, kTile,
-      [&](int i) { return i / kColumns < p.m && col_base + i % kColumns < p.n ? i : -1; },
-      [&](int i, float sum) {
-        p.y[int64_t(i / kColumns) * p.n + col_base + i % kColumns] = from_float<T>(sum);
-      });
+  store_split_k<T, kMTiles, kColumns, L::kKLanes, kThreads>(acc, smem, strip, k_lane, p.y, p.m,
+                                                          p.n, col_base);
 }
 
 template <typename T, int kBits, int kMTiles, bool kSymmetric>
 cudaError_t launch(const GemmArgs& args, cudaStream_t stream) {
   using L = MidConfig<kBits, kMTiles>;
-  auto kernel = gemm_mid_m_kernel<T, kBits, kMTiles, kSymmetric>;
+  constexpr auto kernel = gemm_mid_m_kernel<T, kBits, kMTiles, kSymmetric>;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  err = allow_shared_memory<gemm_mid_m_kernel<T, kBits, kMTiles, kSymmetric>>(device,
-                                                                          L::kSharedBytes);
+  err = allow_shared_memory<kernel>(device, L::kSharedBytes);
   if (err != cudaSuccess) return err;
   const int column_ctas = (args.n + kColumns - 1) / kColumns;
   const int stages = (args.k + kStageRows - 1) / kStageRows;
-  const int splits =
-      choose_splits<gemm_mid_m_kernel<T, kBits, kMTiles, kSymmetric>>(
-          device, column_ctas, std::max(1, stages / kMinStagesPerSplit), L::kThreads,
-          L::kSharedBytes);
+  const int splits = choose_splits<kernel>(device, column_ctas,
+                                           std::max(1, stages / kMinStagesPerSplit),
+                                           L::kThreads, L::kSharedBytes);
 
-  const int group_shift = args.group_shift;
-  const int groups = group_shift >= 31 ? 1 : args.k >> group_shift;
-  const MidParams<T> params{static_cast<const T*>(args.x), args.codes,
-                            static_cast<const T*>(args.scales),
-                            static_cast<const T*>(args.offsets), static_cast<T*>(args.y),
-                            args.m, args.k, args.n, groups, group_shift};
+  const StagedParams<T> params = staged_params<T>(args);
   const ClusterLaunch launch(dim3(column_ctas, splits), L::kThreads, L::kSharedBytes, stream);
   err = cudaLaunchKernelEx(&launch.config, kernel, params);
   return err != cudaSuccess ? err : cudaGetLastError();

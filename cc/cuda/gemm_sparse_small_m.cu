@@ -45,13 +45,15 @@
 //    MMA 0 (L1 hits, see the loop), which keeps every variant within its
 //    register budget without spills.
 // Requires N % 4 == 0 and K % 64 == 0 (the dispatcher checks; other shapes
-// take the dequantize + dot path), M <= 32.
+// take the dequantize + dot path), M <= 32. The handler at the end runs it
+// for M <= 8 and sends 9 to 64 rows to the staged kernel (gemm_sparse_mid_m.cu).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "cuda/gemm_args.h"
 #include "cuda/handlers.h"
 #include "cuda/mma_fragments.cuh"
 #include "cuda/small_m.cuh"
@@ -64,9 +66,14 @@ namespace {
 namespace ffi = xla::ffi;
 
 constexpr int kStepRows = kSparseKMultiple;  // rows of K per step: 4 code word rows
-// Metadata of a lane with nothing to load: a valid nibble in every position
-// (0b0000 and the other repeated rows are undefined behaviour for mma.sp).
-constexpr uint32_t kNoMetadata = 0x44444444u;
+// The handler runs this kernel up to 8 rows (one M tile: x is 2 bytes per row
+// and K row against 32 * 3/8 bytes of weights, and its eight 32-bit x loads
+// per step are few); 9 to 64 rows go to the staged kernel
+// (gemm_sparse_mid_m.cu), which reads x once per 256 columns from shared
+// memory. The 2- and 4-tile forms here are kept for comparison (raise
+// kDirectMaxRows to 16 or 32 to time them).
+constexpr int kDirectMaxRows = 8;
+constexpr int kMaxRows = 64;
 
 // Loads the B registers of MMA kH of one step for every M tile: rows
 // 8 kH + {0, 32, 4, 36} from the lane's first row of x (see above). Rows of
@@ -206,10 +213,21 @@ ffi::Error gemm_sparse_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x,
                           offsets.dimensions(), bits, group_size, w);
   if (error.failure()) return error;
   SmallMProblem p;
-  error = small_m_problem(x, scales, offsets, y, w, kStepRows, kSmallMMaxRows, p);
+  error = small_m_problem(x, scales, offsets, y, w, kStepRows, kMaxRows, p);
   if (error.failure()) return error;
-  return launch_small_m(SparseGemmLaunch{p, codes.typed_data(), metadata.typed_data(), stream},
-                        p, x.element_type(), symmetric);
+  const auto dtype = x.element_type();
+  if (p.m <= kDirectMaxRows) {
+    return launch_small_m(SparseGemmLaunch{p, codes.typed_data(), metadata.typed_data(), stream},
+                          p, dtype, symmetric);
+  }
+  if (p.n == 0) return ffi::Error::Success();
+  const GemmArgs args{p.x, codes.typed_data(), p.scales, p.offsets, p.y, p.m, p.k, p.n, w.bits,
+                      p.group_shift};
+  const uint16_t* meta = metadata.typed_data();
+  return launch_result(
+      dtype == ffi::BF16
+          ? launch_gemm_sparse_mid_m<__nv_bfloat16>(args, meta, symmetric, stream)
+          : launch_gemm_sparse_mid_m<__half>(args, meta, symmetric, stream));
 }
 
 }  // namespace

@@ -42,6 +42,11 @@ namespace jax_lowbit {
                    "r"(b[2]), "r"(b[3]), "r"(e), "n"(kSelector));                         \
   }
 
+// 2:4 metadata of a lane with nothing to load (past N or K): a valid nibble
+// in every position (0b0000 and the other repeated rows are undefined
+// behaviour for mma.sp), rows 0 and 1.
+constexpr uint32_t kNoMetadata = 0x44444444u;
+
 template <typename T>
 struct Activation;
 
@@ -76,6 +81,16 @@ __device__ __forceinline__ uint32_t as_bits(Pair v) {
 // A 16-bit lane of a 32-bit word, copied to both lanes.
 __device__ __forceinline__ uint32_t broadcast_low(uint32_t v) { return __byte_perm(v, 0, 0x1010); }
 __device__ __forceinline__ uint32_t broadcast_high(uint32_t v) { return __byte_perm(v, 0, 0x3232); }
+
+// The scales (or offsets) of four adjacent columns, one 16-bit value each in
+// an 8-byte load, each broadcast to both lanes of a pair: what the two
+// weights of a code pair of that column are multiplied by.
+__device__ __forceinline__ void broadcast_columns(uint2 v, uint32_t (&out)[4]) {
+  out[0] = broadcast_low(v.x);
+  out[1] = broadcast_high(v.x);
+  out[2] = broadcast_low(v.y);
+  out[3] = broadcast_high(v.y);
+}
 
 // Streaming load: weights are read once, so they should not evict x from L2.
 __device__ __forceinline__ uint4 load_streaming(const uint4* p) { return __ldcs(p); }

@@ -36,16 +36,6 @@ constexpr int kSmallMMaxRows = 32;  // 4 M tiles of 8 rows (the MMA's N)
 template <int kMTiles>
 constexpr int kCtasPerSm = kMTiles <= 2 ? 2 : 1;
 
-// The scales (or offsets) of four adjacent columns, one 16-bit value each in
-// an 8-byte load, each broadcast to both lanes of a pair: what the two
-// weights of a code pair of that column are multiplied by.
-__device__ __forceinline__ void broadcast_columns(uint2 v, uint32_t (&out)[4]) {
-  out[0] = broadcast_low(v.x);
-  out[1] = broadcast_high(v.x);
-  out[2] = broadcast_low(v.y);
-  out[3] = broadcast_high(v.y);
-}
-
 // Deterministic split-K: partial sums of every warp, added in warp order,
 // one M tile (8 rows) at a time to keep shared memory at 16 KB. acc[mt][p] is
 // the m16n8 accumulator of M tile mt and column pair p: MMA rows g, g + 8 are
