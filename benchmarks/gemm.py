@@ -65,18 +65,20 @@ def _passes(layer_fn):
     """jit of several passes over every layer copy, one input set per pass.
 
     Returning every output keeps XLA from dropping any product. Each pass's
-    inputs go through an optimization barrier with the previous pass's
-    outputs, so XLA can neither merge the products that share a weight (its
-    dot merger would otherwise run all passes as one larger product) nor
-    reorder passes; the barrier launches nothing. One dispatch is spread over
-    all the products.
+    inputs and weights go through an optimization barrier with the previous
+    pass's outputs, so XLA can neither merge the products that share a weight
+    (its dot merger would otherwise run all passes as one larger product),
+    nor compute work on the weights alone once for all passes (it would
+    dequantize a weight once: CSE of the dequantize call, or of XLA's int4
+    convert), nor reorder passes; the barrier launches nothing. One dispatch
+    is spread over all the products.
     """
 
     def run(xs_per_pass, weights):
         outputs = []
         previous = []
         for xs in xs_per_pass:
-            xs, previous = jax.lax.optimization_barrier((xs, previous))
+            xs, weights, previous = jax.lax.optimization_barrier((xs, weights, previous))
             previous = [layer_fn(xs[i % len(SUITE)], w) for i, w in enumerate(weights)]
             outputs.append(previous)
         return outputs

@@ -97,7 +97,7 @@ INT_KERNEL = {"jax_lowbit_int_gemm_small_m"}
 
 
 @pytest.mark.parametrize("a_shape, n", [
-    ((1, 4096), 4096), ((16, 4096), 6144), ((64, 14336), 4096), ((9, 104), 72), ((2, 3, 64), 8),
+    ((1, 4096), 4096), ((16, 4096), 6144), ((16, 14336), 4096), ((9, 104), 72), ((2, 3, 64), 8),
     ((4096,), 8)])
 def test_int_matmul_small_m_uses_int_kernel(a_shape, n):
     assert int_matmul_cuda_targets(a_shape, n) == INT_KERNEL

@@ -10,7 +10,10 @@
 //    128 * kBlocks columns and kRows rows of x.
 //  * A registers are the m16n8k16 A fragment per warp (warp w of the group
 //    holds MMA rows 16w .. 16w + 15): lane (g, t) holds rows g and g + 8, k
-//    slots 2t, 2t + 1 (registers 0, 1) and 2t + 8, 2t + 9 (2, 3). B comes
+//    slots 2t, 2t + 1 (registers 0, 1) and 2t + 8, 2t + 9 (2, 3). Which
+//    column an MMA row stands for is ours to choose: rows g and g + 8 are
+//    the adjacent columns 16w + 2g and 16w + 2g + 1, so a lane reads both
+//    columns' code words (and scales) in one load and stores outputs in pairs. B comes
 //    from x in its natural order (k slot s of step j is row 16j + s of K), so
 //    the lane's slots are code pair t of the word holding rows 16j .. 16j + 7
 //    and of the one holding 16j + 8 .. 16j + 15 (int4), or pairs t and t + 4
@@ -20,14 +23,17 @@
 //  * Operands arrive by cp.async in a ring of kStages stages of 64 rows of
 //    K: x in the wgmma 128-byte swizzle K-major layout (a stage of one row
 //    of x is 128 bytes; its 16-byte chunk c goes to chunk c ^ (m % 8), see
-//    wgmma.cuh; 8 threads copy one row's 128 contiguous bytes), and the code
-//    words row by row as stored. Lanes read their words from shared memory;
-//    the four lanes of a quad read the same word (a broadcast).
-//  * wgmma is asynchronous: the A registers of step j are dequantized while
-//    the wgmmas of step j - 1 run, alternating two register sets, and each
-//    warpgroup keeps at most one group of wgmmas in flight past a step. A
-//    ring slot is refilled two stages after it was read, so the wgmma group
-//    still in flight at a stage boundary never reads a slot being written.
+//    wgmma.cuh; 8 threads copy one row's 128 contiguous bytes), the code
+//    words row by row as stored, and the rows of scales (and offsets) that
+//    the stage's groups use. Lanes read their words and scales from shared
+//    memory; the four lanes of a quad read the same ones (a broadcast). Each
+//    thread's copy addresses are computed once (StageCopies).
+//  * wgmma is asynchronous: the A registers of step s + 1 are dequantized
+//    (into their own register set, one per step of a stage) while the
+//    wgmmas of steps s - 1 and s run; then the warpgroup waits for step
+//    s - 1. A ring slot is refilled two stages after it was read, so the
+//    wgmma groups still in flight at a stage boundary never read a slot
+//    being written.
 //  * CTAs are ordered with M fastest: the CTAs running at once share a few
 //    column tiles, so each code word comes from DRAM about once and x (a few
 //    MB) is reread from L2.
@@ -38,6 +44,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "cuda/convert.cuh"
 #include "cuda/cp_async.cuh"
@@ -74,46 +82,92 @@ struct LargeConfig {
   static constexpr int kColumns = 64 * kBlocks * kWarpGroups;
   static constexpr int kPerWord = codes_per_word(kBits);
   static constexpr int kWordRows = kStageK / kPerWord;
+  // Stage layout: x (kRows rows of 128 bytes), code words (kWordRows rows of
+  // kColumns), then kScaleRows rows of scales and of offsets (groups have at
+  // least 32 rows, so a stage touches at most two groups).
+  static constexpr int kScaleRows = kStageK / 32;
   static constexpr int kXBytes = kRows * kStageK * 2;
   static constexpr int kCodeRowBytes = kColumns * 4;
-  static constexpr int kBytes = kXBytes + kWordRows * kCodeRowBytes;
+  static constexpr int kScaleRowBytes = kColumns * 2;
+  static constexpr int kCodeOffset = kXBytes;
+  static constexpr int kScaleOffset = kCodeOffset + kWordRows * kCodeRowBytes;
+  static constexpr int kOffsetOffset = kScaleOffset + kScaleRows * kScaleRowBytes;
+  static constexpr int kBytes = kOffsetOffset + kScaleRows * kScaleRowBytes;
   static constexpr int kSharedBytes = kStages * kBytes;
   static_assert(kXBytes % 1024 == 0 && kBytes % 1024 == 0, "stages must stay 1024-byte aligned");
+  // 16-byte copies per stage, and per thread (the last round may be partial).
+  static constexpr int kXChunks = kRows * kStageK / 8;
+  static constexpr int kCodeChunks = kWordRows * kColumns / 4;
+  static constexpr int kScaleChunks = kColumns / 8;  // per scale row
+  static_assert(kXChunks % kLargeThreads == 0, "x copies must fill whole rounds");
   // Two CTAs per SM when the accumulators are small (64 x 64 per warpgroup),
   // so one CTA's loads and dequantization overlap the other's wgmmas.
   static constexpr int kCtasPerSm = kBlocks * kRows <= 64 ? 2 : 1;
 };
 
-template <typename T, int kBits, int kBlocks, int kRows>
-__device__ __forceinline__ void load_stage(char* stage, const LargeParams<T>& p, int index,
-                                           int row0, int col0) {
+// Where this thread's cp.async copies go, computed once: thread i copies x
+// chunk i, i + 256, ... (row i / 8 + 32 r, K chunk i % 8, so the swizzled
+// chunk is the same in every round) and code chunk i, i + 256, ... (word row
+// i / (kColumns / 4) + 256 r / (kColumns / 4), 4 columns); a stage only adds
+// its K offset.
+template <typename T, int kBits, bool kSymmetric, int kBlocks, int kRows>
+struct StageCopies {
   using L = LargeConfig<kBits, kBlocks, kRows>;
-  const int k0 = index * kStageK;
-  // x: chunk i of the stage is K chunk c = i % 8 of tile row r = i / 8.
-  for (int i = threadIdx.x; i < kRows * (kStageK / 8); i += kLargeThreads) {
-    const int r = i / 8, c = i % 8;
-    const int m = row0 + r;
-    const bool ok = m < p.m;
-    copy16_async(stage + 128 * r + 16 * (c ^ (r % 8)),
-                 ok ? p.x + int64_t(m) * p.k + k0 + 8 * c : p.x, ok);
-  }
-  char* codes = stage + L::kXBytes;
-  const int word_row0 = k0 / L::kPerWord;
-  for (int i = threadIdx.x; i < L::kWordRows * (L::kColumns / 4); i += kLargeThreads) {
-    const int r = i / (L::kColumns / 4), c = i % (L::kColumns / 4);
-    const int col = col0 + 4 * c;
-    const bool ok = col < p.n;
-    copy16_async(codes + r * L::kCodeRowBytes + 16 * c,
-                 ok ? p.codes + int64_t(word_row0 + r) * p.n + col : p.codes, ok);
-  }
-}
+  const T* x;             // row row0 + i / 8, column 8 (i % 8) of K
+  const uint32_t* codes;  // word row i / (kColumns / 4), column col0 + 4 (i % (kColumns / 4))
+  int x_dst, code_dst;
+  int x_rows_left;  // rows of x from this thread's first row to M
+  bool code_ok;
 
-// One scale (or offset) per column, in both lanes of a pair; 0 past N.
-template <typename T>
-__device__ __forceinline__ uint32_t column_pair(const T* values, int64_t at, bool ok) {
-  const uint32_t v = ok ? __ldg(reinterpret_cast<const unsigned short*>(values) + at) : 0u;
-  return v * 0x00010001u;
-}
+  __device__ __forceinline__ StageCopies(const LargeParams<T>& p, int row0, int col0) {
+    const int i = threadIdx.x;
+    const int r = i / 8, c = i % 8;
+    x = p.x + int64_t(row0 + r) * p.k + 8 * c;
+    x_dst = 128 * r + 16 * (c ^ (r % 8));
+    x_rows_left = p.m - row0 - r;
+    const int code_row = i / (L::kColumns / 4), code_col = col0 + 4 * (i % (L::kColumns / 4));
+    codes = p.codes + int64_t(code_row) * p.n + code_col;
+    code_dst = L::kCodeOffset + code_row * L::kCodeRowBytes + 16 * (i % (L::kColumns / 4));
+    code_ok = code_col < p.n;
+  }
+
+  __device__ __forceinline__ void load(char* stage, const LargeParams<T>& p, int index,
+                                       int col0) const {
+    const int k0 = index * kStageK;
+#pragma unroll
+    for (int round = 0; round < L::kXChunks / kLargeThreads; ++round) {
+      const bool ok = 32 * round < x_rows_left;
+      copy16_async(stage + x_dst + 4096 * round, ok ? x + k0 + int64_t(32 * round) * p.k : p.x,
+                   ok);
+    }
+    constexpr int kCodeRoundRows = kLargeThreads / (L::kColumns / 4);
+#pragma unroll
+    for (int round = 0; round * kLargeThreads < L::kCodeChunks; ++round) {
+      if (L::kCodeChunks % kLargeThreads == 0 ||
+          int(threadIdx.x) + round * kLargeThreads < L::kCodeChunks) {
+        const int64_t row = k0 / L::kPerWord + round * kCodeRoundRows;
+        copy16_async(stage + code_dst + round * kCodeRoundRows * L::kCodeRowBytes,
+                     code_ok ? codes + row * p.n : p.codes, code_ok);
+      }
+    }
+    // The scale (and offset) rows of the groups this stage touches, 8
+    // columns a copy: one row, or two for 32-row groups.
+    const int scale_rows = p.group_shift >= 6 ? 1 : L::kScaleRows;
+    const int i = threadIdx.x;
+    if (i < scale_rows * L::kScaleChunks) {
+      const int r = i / L::kScaleChunks, c = i % L::kScaleChunks;
+      const int group = p.group_shift >= 31 ? 0 : (k0 >> p.group_shift) + r;
+      const int col = col0 + 8 * c;
+      const bool ok = col < p.n;
+      const int64_t at = int64_t(group) * p.n + col;
+      const int dst = r * L::kScaleRowBytes + 16 * c;
+      copy16_async(stage + L::kScaleOffset + dst, ok ? p.scales + at : p.scales, ok);
+      if (!kSymmetric) {
+        copy16_async(stage + L::kOffsetOffset + dst, ok ? p.offsets + at : p.offsets, ok);
+      }
+    }
+  }
+};
 
 template <typename T, int kBits, bool kSymmetric, int kBlocks, int kRows>
 __global__ void __launch_bounds__(kLargeThreads, (LargeConfig<kBits, kBlocks, kRows>::kCtasPerSm))
@@ -133,11 +187,6 @@ __global__ void __launch_bounds__(kLargeThreads, (LargeConfig<kBits, kBlocks, kR
   const int col0 = blockIdx.x / p.row_tiles * L::kColumns;
   const int stages = p.k / kStageK;
 
-  // This lane's two columns in block b (MMA rows g and g + 8), relative to col0.
-  int column[kBlocks];
-#pragma unroll
-  for (int b = 0; b < kBlocks; ++b) column[b] = (group * kBlocks + b) * 64 + 16 * warp + g;
-
   if (stages == 0) {  // K = 0: y is zero (the wgmma loop below never runs)
     for (int i = threadIdx.x; i < kRows * L::kColumns; i += kLargeThreads) {
       const int m = row0 + i / L::kColumns, col = col0 + i % L::kColumns;
@@ -145,94 +194,112 @@ __global__ void __launch_bounds__(kLargeThreads, (LargeConfig<kBits, kBlocks, kR
     }
     return;
   }
+
+  // MMA rows g and g + 8 of warp `warp` in block b are the adjacent columns
+  // column[b] and column[b] + 1 (relative to col0): one 8-byte read gets both
+  // code words, one 4-byte read both scales, and the epilogue stores pairs.
+  int column[kBlocks];
+#pragma unroll
+  for (int b = 0; b < kBlocks; ++b) column[b] = (group * kBlocks + b) * 64 + 16 * warp + 2 * g;
+
+  const StageCopies<T, kBits, kSymmetric, kBlocks, kRows> copies(p, row0, col0);
   // Left unset: the first wgmma overwrites them (see wgmma.cuh).
   float acc[kBlocks][kRows / 2];
-  uint32_t a[2][kBlocks][4];
-  uint32_t scale[kBlocks][2], offset[kBlocks][2];
-  int scale_group = -1;
+  // One A register set per step of a stage: the set of step s + 1 is filled
+  // while the wgmmas of steps s - 1 and s run.
+  uint32_t a[kStageK / 16][kBlocks][4];
 
-  // Stage j lives in slot j % kStages. Every iteration commits one group of
+  // Stage j lives in slot j % kStages. Every stage commits one group of
   // copies (empty past the end), so waiting for all but the newest
   // kStages - 3 groups is waiting for stage j.
 #pragma unroll
   for (int i = 0; i < kStages - 2; ++i) {
-    if (i < stages) {
-      load_stage<T, kBits, kBlocks, kRows>(smem + i * L::kBytes, p, i, row0, col0);
-    }
+    if (i < stages) copies.load(smem + i * L::kBytes, p, i, col0);
     commit_async();
   }
-  for (int j = 0; j < stages; ++j) {
+  auto begin_stage = [&](int j) {
     wait_async<kStages - 3>();
     wgmma::fence_async_shared();
     // Stage j is visible to every thread, and both warpgroups are past the
-    // wgmmas of stage j - 2, whose slot is refilled now.
+    // wgmmas of stage j - 2 (at most two groups, of stage j - 1, run), whose
+    // slot is refilled now.
     __syncthreads();
     const int next = j + kStages - 2;
-    if (next < stages) {
-      load_stage<T, kBits, kBlocks, kRows>(smem + (next % kStages) * L::kBytes, p, next, row0,
-                                           col0);
-    }
+    if (next < stages) copies.load(smem + (next % kStages) * L::kBytes, p, next, col0);
     commit_async();
-
-    const char* stage = smem + (j % kStages) * L::kBytes;
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(stage + L::kXBytes);
-    const uint32_t x_base = shared_address(stage);
+  };
+  // The A fragments of rows 16 step .. + 15 of a stage.
+  auto dequantize = [&](const char* stage, int step, uint32_t(&frag)[kBlocks][4]) {
+    // Those rows are in scale row (16 step) >> shift of the stage.
+    const int scale_row = p.group_shift >= 6 ? 0 : (16 * step) >> p.group_shift;
 #pragma unroll
-    for (int step = 0; step < kStageK / 16; ++step) {
-      const int k_row = j * kStageK + 16 * step;
-      const int step_group = p.group_shift >= 31 ? 0 : k_row >> p.group_shift;
-      if (step_group != scale_group) {  // groups have >= 32 rows: at most every other step
-        scale_group = step_group;
-#pragma unroll
-        for (int b = 0; b < kBlocks; ++b) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int col = col0 + column[b] + 8 * h;
-            const int64_t at = int64_t(step_group) * p.n + col;
-            scale[b][h] = column_pair(p.scales, at, col < p.n);
-            offset[b][h] = kSymmetric ? 0u : column_pair(p.offsets, at, col < p.n);
-          }
-        }
-      }
-      uint32_t(&frag)[kBlocks][4] = a[step % 2];
+    for (int b = 0; b < kBlocks; ++b) {
+      const int at = scale_row * L::kScaleRowBytes + 2 * column[b];
+      const uint32_t s = *reinterpret_cast<const uint32_t*>(stage + L::kScaleOffset + at);
+      const uint32_t o =
+          kSymmetric ? 0u : *reinterpret_cast<const uint32_t*>(stage + L::kOffsetOffset + at);
+      const uint32_t scale[2] = {broadcast_low(s), broadcast_high(s)};
+      const uint32_t offset[2] = {broadcast_low(o), broadcast_high(o)};
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         // Rows 16 step + 8 half + 2t, + 1 of the stage: word row and code pair.
         const int row = 16 * step + 8 * half;
-        const int word_row = row / L::kPerWord;
+        const uint2 words = *reinterpret_cast<const uint2*>(
+            stage + L::kCodeOffset + (row / L::kPerWord) * L::kCodeRowBytes + 4 * column[b]);
         const int pair = row % L::kPerWord / 2 + t;
-#pragma unroll
-        for (int b = 0; b < kBlocks; ++b) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint32_t word = words[word_row * L::kColumns + column[b] + 8 * h];
-            frag[b][2 * half + h] = Dq::pair(word, pair, as_pair<Pair>(scale[b][h]),
-                                             as_pair<Pair>(offset[b][h]));
-          }
-        }
+        frag[b][2 * half] =
+            Dq::pair(words.x, pair, as_pair<Pair>(scale[0]), as_pair<Pair>(offset[0]));
+        frag[b][2 * half + 1] =
+            Dq::pair(words.y, pair, as_pair<Pair>(scale[1]), as_pair<Pair>(offset[1]));
       }
+    }
+  };
+
+  begin_stage(0);
+  dequantize(smem, 0, a[0]);
+  for (int j = 0; j < stages; ++j) {
+    const char* stage = smem + (j % kStages) * L::kBytes;
+    const uint32_t x_base = shared_address(stage);
+#pragma unroll
+    for (int step = 0; step < kStageK / 16; ++step) {
       // B: rows 16 step .. + 15 of K, 32 bytes into every 128-byte row of x.
       const uint64_t desc = wgmma::descriptor_sw128(x_base + 32 * step);
       wgmma::fence();
 #pragma unroll
       for (int b = 0; b < kBlocks; ++b) {
-        wgmma::Mma<T>::mma(acc[b], frag[b], desc, j > 0 || step > 0);
+        wgmma::Mma<T>::mma(acc[b], a[step][b], desc, j > 0 || step > 0);
       }
       wgmma::commit();
-      wgmma::wait<1>();
+      if (step + 1 < kStageK / 16) {
+        dequantize(stage, step + 1, a[step + 1]);
+      } else if (j + 1 < stages) {
+        begin_stage(j + 1);
+        dequantize(smem + ((j + 1) % kStages) * L::kBytes, 0, a[0]);
+      }
+      wgmma::wait<1>();  // the wgmmas of the previous step are done
     }
   }
   wgmma::wait<0>();
 
-  // Accumulator i of block b: MMA row g + 8 (i / 2 % 2) (a column), MMA
-  // column 8 (i / 4) + 2t + i % 2 (a row of x).
+  // Accumulators 4q + 2h and 4q + 2h + 1 of block b: MMA rows g (column
+  // column[b]) and g + 8 (column[b] + 1) at MMA column 8q + 2t + h (a row of
+  // x): one 4-byte store of two adjacent outputs.
 #pragma unroll
   for (int b = 0; b < kBlocks; ++b) {
+    const int col = col0 + column[b];
+    if (col >= p.n) continue;  // N % 8 == 0: both columns or neither
 #pragma unroll
-    for (int i = 0; i < kRows / 2; ++i) {
-      const int m = row0 + 8 * (i / 4) + 2 * t + i % 2;
-      const int col = col0 + column[b] + 8 * (i / 2 % 2);
-      if (m < p.m && col < p.n) p.y[int64_t(m) * p.n + col] = from_float<T>(acc[b][i]);
+    for (int i = 0; i < kRows / 2; i += 4) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = row0 + 8 * (i / 4) + 2 * t + h;
+        if (m < p.m) {
+          Pair out;
+          out.x = from_float<T>(acc[b][i + h]);
+          out.y = from_float<T>(acc[b][i + 2 + h]);
+          *reinterpret_cast<Pair*>(p.y + int64_t(m) * p.n + col) = out;
+        }
+      }
     }
   }
 #else
@@ -257,11 +324,19 @@ cudaError_t launch(const SmallMProblem& problem, const uint32_t* codes, int devi
   return cudaGetLastError();
 }
 
-// The tile: 256 columns x 128 rows (the least operand traffic per MMA) when
-// that makes about one full wave of CTAs, else 128 x 64 (four times the CTAs).
+// The tile (columns x rows of x): 256 x 128 when that makes about a full
+// wave of CTAs, else 128 x 64 (four times the CTAs). JAX_LOWBIT_LARGE_M_TILE
+// (EXPERIMENT, read per launch) forces "256x128", "128x256" or "128x64".
 template <typename T, int kBits, bool kSymmetric>
 cudaError_t launch_tile(const SmallMProblem& p, const uint32_t* codes, int device,
                         cudaStream_t stream) {
+  const char* forced = std::getenv("JAX_LOWBIT_LARGE_M_TILE");
+  if (forced != nullptr) {
+    const std::string tile(forced);
+    if (tile == "256x128") return launch<T, kBits, kSymmetric, 2, 128>(p, codes, device, stream);
+    if (tile == "128x256") return launch<T, kBits, kSymmetric, 1, 256>(p, codes, device, stream);
+    if (tile == "128x64") return launch<T, kBits, kSymmetric, 1, 64>(p, codes, device, stream);
+  }
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const int64_t big_tiles = int64_t((p.n + 255) / 256) * ((p.m + 127) / 128);

@@ -52,7 +52,7 @@ constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kColumns = 64;   // output columns per CTA: 8 per lane g
 constexpr int kStepRows = 32;  // K rows of one m16n8k32 step
-constexpr int kMaxRows = 64;   // 8 M tiles of 8 rows (the MMA's N)
+constexpr int kMaxRows = 16;  // 2 M tiles of 8 rows (the MMA's N); see int_lowering.py
 
 // Steps a warp has in flight at once (8 eight-byte loads of b each, plus one
 // of a per M tile), and CTAs per SM. The accumulators take 16 registers per
@@ -228,7 +228,7 @@ ffi::Error int_gemm_small_m_impl(cudaStream_t stream, ffi::Buffer<ffi::S8> a,
   const IntParams p{a.typed_data(), b.typed_data(), y->typed_data(), static_cast<int>(m),
                     static_cast<int>(k), static_cast<int>(n)};
   return launch_status(
-      with_m_tiles<8>(p.m, [&](auto tiles) { return launch<decltype(tiles)::value>(p, stream); }),
+      with_m_tiles(p.m, [&](auto tiles) { return launch<decltype(tiles)::value>(p, stream); }),
       "int_gemm_small_m");
 }
 
