@@ -44,10 +44,12 @@ def test_large_m_uses_wgmma_kernel_on_sm90(x_shape, bits, symmetric, hopper, rng
 
 
 @pytest.mark.parametrize("case", ["K not a multiple of 64", "N not a multiple of 8", "2:4 sparse",
-                                  "float32 x"])
+                                  "float32 x", "too many rows"])
 def test_large_m_other_cases_dequantize_then_dot(case, hopper, rng):
-    k, n, sparsity, x_dtype = 256, 64, None, jnp.bfloat16
-    if case == "K not a multiple of 64":
+    k, n, sparsity, x_dtype, rows = 256, 64, None, jnp.bfloat16, 200
+    if case == "too many rows":
+        rows = lowering.LARGE_M_MAX_ROWS + 1
+    elif case == "K not a multiple of 64":
         k = 224
     elif case == "N not a multiple of 8":
         n = 68
@@ -58,7 +60,7 @@ def test_large_m_other_cases_dequantize_then_dot(case, hopper, rng):
     qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), 4, 32,
                              sparsity=sparsity)
     want = {"jax_lowbit_sparse_dequantize"} if sparsity else DEQUANTIZE_THEN_DOT
-    assert cuda_targets((200, k), x_dtype, qw) == want
+    assert cuda_targets((rows, k), x_dtype, qw) == want
 
 
 @pytest.mark.parametrize("bits", [2, 4])
