@@ -30,10 +30,11 @@
 //    thread's copy addresses are computed once (StageCopies).
 //  * wgmma is asynchronous: the A registers of step s + 1 are dequantized
 //    (into their own register set, one per step of a stage) while the
-//    wgmmas of steps s - 1 and s run; then the warpgroup waits for step
-//    s - 1. A ring slot is refilled two stages after it was read, so the
-//    wgmma groups still in flight at a stage boundary never read a slot
-//    being written.
+//    wgmmas of steps s - 2 .. s run; then the warpgroup waits for step
+//    s - 2, so the set it fills next (step s + 2's, last read by step s - 2)
+//    is free. A ring slot is refilled two stages after it was read, so the
+//    wgmma groups still in flight at a stage boundary (steps of the current
+//    stage only) never read a slot being written.
 //  * CTAs are ordered with M fastest: the CTAs running at once share a few
 //    column tiles, so each code word comes from DRAM about once and x (a few
 //    MB) is reread from L2.
@@ -221,7 +222,7 @@ __global__ void __launch_bounds__(kLargeThreads, (LargeConfig<kBits, kBlocks, kR
     wait_async<kStages - 3>();
     wgmma::fence_async_shared();
     // Stage j is visible to every thread, and both warpgroups are past the
-    // wgmmas of stage j - 2 (at most two groups, of stage j - 1, run), whose
+    // wgmmas of stage j - 2 (at most three groups, of stage j - 1, run), whose
     // slot is refilled now.
     __syncthreads();
     const int next = j + kStages - 2;
@@ -276,7 +277,7 @@ __global__ void __launch_bounds__(kLargeThreads, (LargeConfig<kBits, kBlocks, kR
         begin_stage(j + 1);
         dequantize(smem + ((j + 1) % kStages) * L::kBytes, 0, a[0]);
       }
-      wgmma::wait<1>();  // the wgmmas of the previous step are done
+      wgmma::wait<2>();  // the wgmmas of two steps back are done
     }
   }
   wgmma::wait<0>();
