@@ -201,7 +201,7 @@ def test_cuda_lowers_int4_to_xla_integer_dot(rng):
     assert "-> tensor<4x16xi32>" in text
 
 
-# --- the CUDA int8 kernel (M <= 64; cc/cuda/int_gemm_small_m.cu) -----------------
+# --- the CUDA int8 kernel (M <= 16; cc/cuda/int_gemm_small_m.cu) -----------------
 
 KERNEL_MS = [1, 9, 16, 17, 64]  # 17 and 64: above the kernel (KERNEL_MAX_ROWS), XLA's dot
 # 104 and 16 + 8: K not a multiple of the kernel's 32-row step (handled in the

@@ -1,8 +1,8 @@
-// int_matmul for 1 to 64 rows: y (M, N) int32 = a (M, K) int8 @ b (K, N) int8,
+// int_matmul for 1 to 16 rows: y (M, N) int32 = a (M, K) int8 @ b (K, N) int8,
 // exact (sums wrap modulo 2^32 like XLA's int32 dot), on int8 tensor cores
 // (mma.m16n8k32 s8, sm_80+), with b read in place in its row-major layout.
 //
-// Why this shape: at M <= 64 the product is bound by reading b (K * N bytes,
+// Why this shape: at small M the product is bound by reading b (K * N bytes,
 // half of a bf16 weight's); a repack of b into fragment order would read and
 // write it once more in HBM. So b is the MMA's A operand (y^T = b^T a^T: MMA
 // rows are columns of b, MMA columns are rows of a) and its bytes are
@@ -27,10 +27,12 @@
 //    distributed shared memory (cluster_split.cuh). Integer sums are
 //    associative, so every order of addition gives the same bits.
 //  * The int32 epilogue only: a_scale / b_scale / out_dtype are elementwise
-//    XLA ops after the call (IntEpilogue.apply), as on CPU. At M <= 64 the
-//    int32 result is at most 256 / K of b's bytes.
+//    XLA ops after the call (IntEpilogue.apply), as on CPU. At M <= 16 the
+//    int32 result is at most 64 / K of b's bytes.
 // Requires K % 8 == 0 (8-byte loads of a's rows), N % 8 == 0 (8-byte loads of
-// b's rows) and M <= 64; the lowering routes other shapes to XLA's integer dot.
+// b's rows) and M <= 16 (17 to 64 rows measured slower than XLA's integer dot
+// on the H100: x read per 64-column strip, docs/perf.md); the lowering routes
+// other shapes to XLA's integer dot.
 // K % 32 != 0 is handled: rows past K are not loaded and count as zero.
 #include <cuda_runtime.h>
 
@@ -39,7 +41,6 @@
 #include "cuda/cluster_split.cuh"
 #include "cuda/handlers.h"
 #include "cuda/launch_status.h"
-#include "cuda/m_tiles.cuh"
 #include "cuda/mma_fragments.cuh"
 #include "xla/ffi/api/ffi.h"
 
@@ -56,15 +57,13 @@ constexpr int kMaxRows = 16;  // 2 M tiles of 8 rows (the MMA's N); see int_lowe
 
 // Steps a warp has in flight at once (8 eight-byte loads of b each, plus one
 // of a per M tile), and CTAs per SM. The accumulators take 16 registers per
-// M tile. Up to 4 tiles two CTAs (16 warps) share an SM in 128 registers a
-// lane, with 4, 3, 2 steps in flight (ptxas 13.0: 119, 122, 128 registers, no
-// spills; 4 steps at 2 tiles spilled). 8 tiles (128 accumulators) take one
-// CTA's whole register file (246 registers) and 3 steps, so an SM has
-// 8 warps x 3 steps x 2 KB of b in flight, as much as 16 warps x 1 step.
+// M tile. Two CTAs (16 warps) share an SM in 128 registers a lane, with 4
+// and 3 steps in flight for 1 and 2 tiles (ptxas 13.0: 119 and 122
+// registers, no spills; 4 steps at 2 tiles spilled).
 template <int kMTiles>
 struct IntConfig {
-  static constexpr int kUnroll = kMTiles == 1 ? 4 : kMTiles == 2 ? 3 : kMTiles == 4 ? 2 : 3;
-  static constexpr int kCtasPerSm = kMTiles <= 4 ? 2 : 1;
+  static constexpr int kUnroll = kMTiles == 1 ? 4 : 3;
+  static constexpr int kCtasPerSm = 2;
 };
 
 // Shared-memory sums, row stride 65 (one bank per row) and columns 32..63
@@ -222,14 +221,14 @@ ffi::Error int_gemm_small_m_impl(cudaStream_t stream, ffi::Buffer<ffi::S8> a,
   const int64_t m = a_dims[0], k = a_dims[1], n = b_dims[1];
   if (m > kMaxRows || k % 8 != 0 || n % 8 != 0 || k > INT32_MAX / 2 || n > INT32_MAX / 2) {
     return ffi::Error::InvalidArgument(
-        "int_gemm_small_m: needs M <= 64, K % 8 == 0 and N % 8 == 0");
+        "int_gemm_small_m: needs M <= 16, K % 8 == 0 and N % 8 == 0");
   }
   if (m == 0 || n == 0) return ffi::Error::Success();
   const IntParams p{a.typed_data(), b.typed_data(), y->typed_data(), static_cast<int>(m),
                     static_cast<int>(k), static_cast<int>(n)};
-  return launch_status(
-      with_m_tiles(p.m, [&](auto tiles) { return launch<decltype(tiles)::value>(p, stream); }),
-      "int_gemm_small_m");
+  // One 8-row M tile, or two.
+  return launch_status(p.m <= 8 ? launch<1>(p, stream) : launch<2>(p, stream),
+                       "int_gemm_small_m");
 }
 
 }  // namespace
