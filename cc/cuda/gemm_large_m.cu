@@ -45,8 +45,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 
 #include "cuda/convert.cuh"
 #include "cuda/cp_async.cuh"
@@ -326,18 +324,11 @@ cudaError_t launch(const SmallMProblem& problem, const uint32_t* codes, int devi
 }
 
 // The tile (columns x rows of x): 256 x 128 when that makes about a full
-// wave of CTAs, else 128 x 64 (four times the CTAs). JAX_LOWBIT_LARGE_M_TILE
-// (EXPERIMENT, read per launch) forces "256x128", "128x256" or "128x64".
+// wave of CTAs, else 128 x 64 (four times the CTAs). 128 x 256 (one m64n256
+// block per warpgroup) was no faster on the H100 (docs/perf.md) and is not built.
 template <typename T, int kBits, bool kSymmetric>
 cudaError_t launch_tile(const SmallMProblem& p, const uint32_t* codes, int device,
                         cudaStream_t stream) {
-  const char* forced = std::getenv("JAX_LOWBIT_LARGE_M_TILE");
-  if (forced != nullptr) {
-    const std::string tile(forced);
-    if (tile == "256x128") return launch<T, kBits, kSymmetric, 2, 128>(p, codes, device, stream);
-    if (tile == "128x256") return launch<T, kBits, kSymmetric, 1, 256>(p, codes, device, stream);
-    if (tile == "128x64") return launch<T, kBits, kSymmetric, 1, 64>(p, codes, device, stream);
-  }
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const int64_t big_tiles = int64_t((p.n + 255) / 256) * ((p.m + 127) / 128);
