@@ -48,10 +48,12 @@
 
 #include "cuda/convert.cuh"
 #include "cuda/cp_async.cuh"
+#include "cuda/dense_gemm_target.h"
 #include "cuda/handlers.h"
 #include "cuda/kernel_attributes.h"
 #include "cuda/mma_fragments.cuh"
 #include "cuda/small_m.cuh"
+#include "cuda/staged_gemm.cuh"
 #include "cuda/wgmma.cuh"
 #include "format.h"
 #include "weight_shape.h"
@@ -65,16 +67,6 @@ constexpr int kWarpGroups = 2;
 constexpr int kLargeThreads = 128 * kWarpGroups;
 constexpr int kStageK = 64;  // rows of K per stage
 constexpr int kStages = 5;   // ring slots: kStages - 2 stages load ahead
-
-template <typename T>
-struct LargeParams {
-  const T* x;
-  const uint32_t* codes;
-  const T* scales;
-  const T* offsets;
-  T* y;
-  int m, k, n, group_shift, row_tiles;
-};
 
 template <int kBits, int kBlocks, int kRows>
 struct LargeConfig {
@@ -118,7 +110,7 @@ struct StageCopies {
   int x_rows_left;  // rows of x from this thread's first row to M
   bool code_ok;
 
-  __device__ __forceinline__ StageCopies(const LargeParams<T>& p, int row0, int col0) {
+  __device__ __forceinline__ StageCopies(const StagedParams<T>& p, int row0, int col0) {
     const int i = threadIdx.x;
     const int r = i / 8, c = i % 8;
     x = p.x + int64_t(row0 + r) * p.k + 8 * c;
@@ -130,7 +122,7 @@ struct StageCopies {
     code_ok = code_col < p.n;
   }
 
-  __device__ __forceinline__ void load(char* stage, const LargeParams<T>& p, int index,
+  __device__ __forceinline__ void load(char* stage, const StagedParams<T>& p, int index,
                                        int col0) const {
     const int k0 = index * kStageK;
 #pragma unroll
@@ -170,7 +162,7 @@ struct StageCopies {
 
 template <typename T, int kBits, bool kSymmetric, int kBlocks, int kRows>
 __global__ void __launch_bounds__(kLargeThreads, (LargeConfig<kBits, kBlocks, kRows>::kCtasPerSm))
-    gemm_large_m_kernel(LargeParams<T> p) {
+    gemm_large_m_kernel(StagedParams<T> p, int row_tiles) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = LargeConfig<kBits, kBlocks, kRows>;
   using Pair = typename Activation<T>::Pair;
@@ -182,8 +174,9 @@ __global__ void __launch_bounds__(kLargeThreads, (LargeConfig<kBits, kBlocks, kR
   const int group = threadIdx.x / 128;
   const int warp = threadIdx.x / 32 % 4;
   const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-  const int row0 = blockIdx.x % p.row_tiles * kRows;
-  const int col0 = blockIdx.x / p.row_tiles * L::kColumns;
+  // CTAs are ordered with M fastest (row_tiles row tiles per column tile).
+  const int row0 = blockIdx.x % row_tiles * kRows;
+  const int col0 = blockIdx.x / row_tiles * L::kColumns;
   const int stages = p.k / kStageK;
 
   if (stages == 0) {  // K = 0: y is zero (the wgmma loop below never runs)
@@ -307,19 +300,15 @@ __global__ void __launch_bounds__(kLargeThreads, (LargeConfig<kBits, kBlocks, kR
 }
 
 template <typename T, int kBits, bool kSymmetric, int kBlocks, int kRows>
-cudaError_t launch(const SmallMProblem& problem, const uint32_t* codes, int device,
-                   cudaStream_t stream) {
+cudaError_t launch(const GemmArgs& args, int device, cudaStream_t stream) {
   using L = LargeConfig<kBits, kBlocks, kRows>;
   constexpr auto kernel = gemm_large_m_kernel<T, kBits, kSymmetric, kBlocks, kRows>;
   cudaError_t err = allow_shared_memory<kernel>(device, L::kSharedBytes);
   if (err != cudaSuccess) return err;
-  const int row_tiles = (problem.m + kRows - 1) / kRows;
-  const int column_tiles = (problem.n + L::kColumns - 1) / L::kColumns;
-  const LargeParams<T> params{static_cast<const T*>(problem.x), codes,
-                              static_cast<const T*>(problem.scales),
-                              static_cast<const T*>(problem.offsets), static_cast<T*>(problem.y),
-                              problem.m, problem.k, problem.n, problem.group_shift, row_tiles};
-  kernel<<<row_tiles * column_tiles, kLargeThreads, L::kSharedBytes, stream>>>(params);
+  const int row_tiles = (args.m + kRows - 1) / kRows;
+  const int column_tiles = (args.n + L::kColumns - 1) / L::kColumns;
+  kernel<<<row_tiles * column_tiles, kLargeThreads, L::kSharedBytes, stream>>>(
+      staged_params<T>(args), row_tiles);
   return cudaGetLastError();
 }
 
@@ -327,69 +316,54 @@ cudaError_t launch(const SmallMProblem& problem, const uint32_t* codes, int devi
 // wave of CTAs, else 128 x 64 (four times the CTAs). 128 x 256 (one m64n256
 // block per warpgroup) was no faster on the H100 (docs/perf.md) and is not built.
 template <typename T, int kBits, bool kSymmetric>
-cudaError_t launch_tile(const SmallMProblem& p, const uint32_t* codes, int device,
-                        cudaStream_t stream) {
+cudaError_t launch_tile(const GemmArgs& args, int device, cudaStream_t stream) {
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int64_t big_tiles = int64_t((p.n + 255) / 256) * ((p.m + 127) / 128);
+  const int64_t big_tiles = int64_t((args.n + 255) / 256) * ((args.m + 127) / 128);
   if (big_tiles >= sms * 9 / 10) {
-    return launch<T, kBits, kSymmetric, 2, 128>(p, codes, device, stream);
+    return launch<T, kBits, kSymmetric, 2, 128>(args, device, stream);
   }
-  return launch<T, kBits, kSymmetric, 1, 64>(p, codes, device, stream);
+  return launch<T, kBits, kSymmetric, 1, 64>(args, device, stream);
 }
 
 template <typename T>
-cudaError_t launch_type(const SmallMProblem& p, const uint32_t* codes, int bits, bool symmetric,
-                        int device, cudaStream_t stream) {
-  if (bits == 4) {
-    return symmetric ? launch_tile<T, 4, true>(p, codes, device, stream)
-                     : launch_tile<T, 4, false>(p, codes, device, stream);
+cudaError_t launch_type(const GemmArgs& args, bool symmetric, int device, cudaStream_t stream) {
+  if (args.bits == 4) {
+    return symmetric ? launch_tile<T, 4, true>(args, device, stream)
+                     : launch_tile<T, 4, false>(args, device, stream);
   }
-  return symmetric ? launch_tile<T, 2, true>(p, codes, device, stream)
-                   : launch_tile<T, 2, false>(p, codes, device, stream);
+  return symmetric ? launch_tile<T, 2, true>(args, device, stream)
+                   : launch_tile<T, 2, false>(args, device, stream);
 }
 
 ffi::Error gemm_large_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> codes,
                              ffi::AnyBuffer scales, ffi::AnyBuffer offsets,
                              ffi::Result<ffi::AnyBuffer> y, int32_t bits, int64_t group_size,
                              bool symmetric) {
-  WeightShape w;
-  ffi::Error error = weight_shape(codes.dimensions(), scales.dimensions(),
-                                  offsets.dimensions(), bits, group_size, w);
-  if (error.failure()) return error;
-  if (bits != 2 && bits != 4) return ffi::Error::InvalidArgument("gemm: bits must be 2 or 4");
   SmallMProblem p;
-  error = small_m_problem(x, scales, offsets, y, w, kStageK, INT32_MAX, p);
+  GemmArgs args;
+  ffi::Error error = dense_gemm_problem(x, codes, scales, offsets, y, bits, group_size,
+                                        [](int) { return kStageK; }, INT32_MAX, p, args);
   if (error.failure()) return error;
   if (p.n % 8 != 0) return ffi::Error::InvalidArgument("gemm (large M): needs N % 8 == 0");
   int device = 0, major = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  }
   if (err != cudaSuccess) return launch_result(err);
   if (major != 9) {
     return ffi::Error::InvalidArgument("gemm (large M): the wgmma kernel needs an sm_90 GPU");
   }
   if (p.m == 0 || p.n == 0) return ffi::Error::Success();
   return launch_result(x.element_type() == ffi::BF16
-                           ? launch_type<__nv_bfloat16>(p, codes.typed_data(), w.bits, symmetric,
-                                                        device, stream)
-                           : launch_type<__half>(p, codes.typed_data(), w.bits, symmetric, device,
-                                                 stream));
+                           ? launch_type<__nv_bfloat16>(args, symmetric, device, stream)
+                           : launch_type<__half>(args, symmetric, device, stream));
 }
 
 }  // namespace
 }  // namespace jax_lowbit
 
-// Symmetric weights pass their scales in the offsets slot; it is not read.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitGemmLargeMCuda, jax_lowbit::gemm_large_m_impl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Attr<int32_t>("bits")
-                                  .Attr<int64_t>("group_size")
-                                  .Attr<bool>("symmetric"),
+                              jax_lowbit::dense_gemm_binding(),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -38,6 +38,7 @@
 
 #include <cstdint>
 
+#include "cuda/dense_gemm_target.h"
 #include "cuda/gemm_args.h"
 #include "cuda/handlers.h"
 #include "cuda/mma_fragments.cuh"
@@ -160,16 +161,13 @@ ffi::Error gemm_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
                              ffi::AnyBuffer scales, ffi::AnyBuffer offsets,
                              ffi::Result<ffi::AnyBuffer> y, int32_t bits, int64_t group_size,
                              bool symmetric) {
-  WeightShape w;
-  ffi::Error error = weight_shape(codes.dimensions(), scales.dimensions(),
-                                  offsets.dimensions(), bits, group_size, w);
-  if (error.failure()) return error;
-  if (bits != 2 && bits != 4) return ffi::Error::InvalidArgument("gemm: bits must be 2 or 4");
   SmallMProblem p;
-  error = small_m_problem(x, scales, offsets, y, w, 4 * codes_per_word(w.bits), kMaxRows, p);
+  GemmArgs args;
+  // A step of the small-M kernel is 4 word rows.
+  const ffi::Error error = dense_gemm_problem(
+      x, codes, scales, offsets, y, bits, group_size,
+      [](int valid_bits) { return 4 * codes_per_word(valid_bits); }, kMaxRows, p, args);
   if (error.failure()) return error;
-  const GemmArgs args{p.x, codes.typed_data(), p.scales, p.offsets, p.y, p.m, p.k, p.n, w.bits,
-                      p.group_shift};
   const auto dtype = x.element_type();
   if (p.m <= kSmallMMaxRows) {
     return launch_small_m(DenseGemmLaunch{args, stream}, p, dtype, symmetric);
@@ -183,16 +181,6 @@ ffi::Error gemm_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
 }  // namespace
 }  // namespace jax_lowbit
 
-// Symmetric weights pass their scales in the offsets slot; it is not read.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitGemmSmallMCuda, jax_lowbit::gemm_small_m_impl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Attr<int32_t>("bits")
-                                  .Attr<int64_t>("group_size")
-                                  .Attr<bool>("symmetric"),
+                              jax_lowbit::dense_gemm_binding(),
                               {xla::ffi::Traits::kCmdBufferCompatible});
