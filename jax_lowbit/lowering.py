@@ -81,10 +81,11 @@ SMALL_M_MAX_ROWS = 64
 SPARSE_SMALL_M_MAX_ROWS = 64  # 2:4 sparse: direct kernel up to 8 rows, staged kernel 9..64
 
 
-def uses_small_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> bool:
-    """Whether a CUDA matmul of ``rows`` rows of ``dtype`` runs the fused small-M kernel.
+def _fused_kernels_take(fmt: WeightFormat, dtype, scale_dtype) -> bool:
+    """The rule every fused matmul kernel shares: int4/int2 codes, bf16/fp16 x,
+    scales exact in x's dtype, N a multiple of 4, K and N below 2^30.
 
-    The kernel reads scales in x's dtype. bfloat16 scales convert exactly to
+    The kernels read scales in x's dtype. bfloat16 scales convert exactly to
     float16 (down to its smallest normal, 6.1e-5); other mixes would round the
     scales, so they take the dequantize + dot path, which rounds each weight once.
     """
@@ -92,13 +93,20 @@ def uses_small_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> boo
     dtype, scale_dtype = jnp.dtype(dtype), jnp.dtype(scale_dtype)
     exact_scales = scale_dtype == dtype or (
         scale_dtype == jnp.dtype(jnp.bfloat16) and dtype == jnp.dtype(jnp.float16))
+    return (fmt.bits in (2, 4)
+            and dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and exact_scales
+            and n % 4 == 0 and n < 2**30 and k < 2**30)
+
+
+def uses_small_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> bool:
+    """Whether a CUDA matmul of ``rows`` rows of ``dtype`` runs a small-M kernel
+    (the small-M or mid-M kernel, or for 2:4 sparse weights the direct or staged one)."""
+    k, _ = fmt.shape
     # A K step of the kernels: 4 code word rows (of 16 rows of K each for 2:4).
     k_step = (formats.SPARSE_K_MULTIPLE if fmt.sparsity
               else 4 * formats.codes_per_word(fmt.bits))
     max_rows = SPARSE_SMALL_M_MAX_ROWS if fmt.sparsity else SMALL_M_MAX_ROWS
-    return (fmt.bits in (2, 4)
-            and dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and exact_scales
-            and 0 < rows <= max_rows and n % 4 == 0 and n < 2**30 and k < 2**30
+    return (_fused_kernels_take(fmt, dtype, scale_dtype) and 0 < rows <= max_rows
             and k % k_step == 0)
 
 
@@ -109,14 +117,11 @@ LARGE_M_MAX_ROWS = 512
 
 
 def uses_large_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> bool:
-    """Whether a CUDA matmul of ``rows`` rows runs the wgmma kernel (sm_90 only).
-
-    Same dtype rule as the small-M kernel; K must be a multiple of 64 and N of
-    8, and at most LARGE_M_MAX_ROWS rows.
-    """
+    """Whether a CUDA matmul of ``rows`` rows runs the wgmma kernel (sm_90 only):
+    dense weights, 65 to LARGE_M_MAX_ROWS rows, K a multiple of 64 and N of 8."""
     k, n = fmt.shape
     return (not fmt.sparsity and SMALL_M_MAX_ROWS < rows <= LARGE_M_MAX_ROWS
-            and uses_small_m_kernel(fmt, dtype, scale_dtype, SMALL_M_MAX_ROWS)
+            and _fused_kernels_take(fmt, dtype, scale_dtype)
             and k % LARGE_M_K_MULTIPLE == 0 and n % 8 == 0
             and _extension.cuda_devices_are_hopper())
 
