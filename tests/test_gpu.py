@@ -8,7 +8,8 @@ import pytest
 import jax_lowbit
 
 import spec_reference
-from kernel_checks import assert_kernel_dequantize, assert_kernel_matmul
+from jax_lowbit import _extension
+from kernel_checks import assert_kernel_dequantize, assert_kernel_matmul, cuda_targets
 
 pytestmark = pytest.mark.gpu
 
@@ -64,6 +65,14 @@ def test_large_m_kernel_writes_every_element(m, bits, group_size, symmetric, dty
     qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, group_size,
                              symmetric=symmetric)
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    _assert_large_m_kernel_matmul(x, qw)
+
+
+def _assert_large_m_kernel_matmul(x, qw):
+    """On sm_90 the product runs the wgmma kernel (elsewhere dequantize + dot)
+    and writes every element of the reference."""
+    if _extension.cuda_devices_are_hopper():
+        assert cuda_targets(x.shape, x.dtype, qw) == {"jax_lowbit_gemm_large_m"}
     assert_kernel_matmul(x, qw)
 
 
@@ -75,7 +84,7 @@ def test_large_m_kernel_big_tiles(bits, symmetric, rng):
     qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, 64,
                              symmetric=symmetric)
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-    assert_kernel_matmul(x, qw)
+    _assert_large_m_kernel_matmul(x, qw)
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 300, 4096])
