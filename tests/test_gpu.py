@@ -52,16 +52,18 @@ def test_small_m_kernel_writes_every_element(m, bits, group_size, symmetric, dty
     assert_kernel_matmul(x, qw)
 
 
-@pytest.mark.parametrize("m", [65, 130, 300])  # partial 64- and 128-row tiles
+@pytest.mark.parametrize("m", [65, 130, 300])  # partial 128-row tiles
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-# 128: two pipeline stages (fewer than the ring holds); 4224: 66 stages, and
-# two groups in a stage for 32-row groups
+# 128: two pipeline stages (fewer than the ring holds), no K split; 4224: 66
+# stages split over a cluster of 8 CTAs (1 to 3 tiles: far
+# fewer than the SMs) in unequal shares, and two groups in a stage for
+# 32-row groups
 @pytest.mark.parametrize("k", [128, 4224])
 def test_large_m_kernel_writes_every_element(m, bits, group_size, symmetric, dtype, k, rng):
-    n = 200  # not a multiple of a CTA's 128 or 256 columns
+    n = 200  # not a multiple of a CTA's 256 columns
     qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, group_size,
                              symmetric=symmetric)
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)
@@ -78,8 +80,8 @@ def _assert_large_m_kernel_matmul(x, qw):
 
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_large_m_kernel_big_tiles(bits, symmetric, rng):
-    # Enough 256 x 128 tiles for the wide-tile variant; last row tile partial.
+def test_large_m_kernel_full_wave(bits, symmetric, rng):
+    # 124 tiles of 256 x 128, about a wave: no K split; last row tile partial.
     m, k, n = 500, 512, 7688
     qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, 64,
                              symmetric=symmetric)

@@ -2,7 +2,8 @@
 // the launch with the cluster attribute, how many CTAs run at once for a
 // split, and which split finishes soonest; on the device the sum of the CTAs'
 // partial results through distributed shared memory, so a split needs no
-// workspace and no second kernel (gemm_mid_m.cu, int_gemm_small_m.cu).
+// workspace and no second kernel (gemm_mid_m.cu, gemm_large_m.cu,
+// int_gemm_small_m.cu).
 #ifndef JAX_LOWBIT_CUDA_CLUSTER_SPLIT_CUH_
 #define JAX_LOWBIT_CUDA_CLUSTER_SPLIT_CUH_
 
@@ -72,9 +73,12 @@ int concurrent_ctas(int device, int splits, int threads, int shared_bytes) {
 
 // The split of K (1 to max_splits, at most kMaxSplits) that finishes
 // soonest: waves of CTAs over the concurrent CTAs, each wave 1/splits of K
-// long; ties keep fewer splits (less reduction). 1 below sm_90 (no clusters).
+// long plus `fixed_share` (a CTA's cost beyond its share of K, as a
+// fraction of all of K); ties keep fewer splits (less reduction). 1 below
+// sm_90 (no clusters).
 template <auto kKernel>
-int choose_splits(int device, int column_ctas, int max_splits, int threads, int shared_bytes) {
+int choose_splits(int device, int column_ctas, int max_splits, int threads, int shared_bytes,
+                  double fixed_share = 0.0) {
   int major = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (major < 9) return 1;
@@ -82,11 +86,12 @@ int choose_splits(int device, int column_ctas, int max_splits, int threads, int 
   const int single = concurrent_ctas<kKernel>(device, 1, threads, shared_bytes);
   if (single <= 0) return 1;
   int best = 1;
-  double best_time = double((column_ctas + single - 1) / single);
+  double best_time = double((column_ctas + single - 1) / single) * (1.0 + fixed_share);
   for (int s = 2; s <= max_splits; ++s) {
     const int concurrent = concurrent_ctas<kKernel>(device, s, threads, shared_bytes);
     if (concurrent <= 0) continue;
-    const double time = double((column_ctas * s + concurrent - 1) / concurrent) / s;
+    const double time =
+        double((column_ctas * s + concurrent - 1) / concurrent) * (1.0 / s + fixed_share);
     if (time < best_time - 1e-9) {
       best = s;
       best_time = time;

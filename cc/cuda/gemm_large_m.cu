@@ -7,7 +7,8 @@
 //    are A: y^T = W^T x^T. A warpgroup (4 warps) owns kBlocks blocks of 64
 //    output columns; each block is the 64-row A of one m64nRk16 wgmma whose
 //    B is kRows rows of x (R = kRows). A CTA is two warpgroups, so it owns
-//    128 * kBlocks columns and kRows rows of x.
+//    256 columns and 128 rows of x (the tile that ran fastest per SM; a
+//    128 x 64 tile at two CTAs per SM reached half its rate, docs/perf.md).
 //  * A registers are the m16n8k16 A fragment per warp (warp w of the group
 //    holds MMA rows 16w .. 16w + 15): lane (g, t) holds rows g and g + 8, k
 //    slots 2t, 2t + 1 (registers 0, 1) and 2t + 8, 2t + 9 (2, 3). Which
@@ -38,6 +39,12 @@
 //  * CTAs are ordered with M fastest: the CTAs running at once share a few
 //    column tiles, so each code word comes from DRAM about once and x (a few
 //    MB) is reread from L2.
+//  * Too few tiles for the SMs (narrow layers at a few hundred rows: 32
+//    tiles of a 4096 x 4096 weight at M = 256) split K over a cluster of up
+//    to 8 CTAs (gridDim.y): each runs its share of the stages, then the
+//    partial sums are added in rank order through distributed shared memory
+//    (cluster_split.cuh), one 64-column block per round so the f32 partials
+//    (64 KB) fit in the ring.
 // Requires K % 64 == 0, N % 8 == 0, power-of-two groups of at least 32 rows
 // (or one group), M > 0; the lowering sends other shapes to dequantize + dot.
 #include <cuda_bf16.h>
@@ -46,6 +53,7 @@
 
 #include <cstdint>
 
+#include "cuda/cluster_split.cuh"
 #include "cuda/convert.cuh"
 #include "cuda/cp_async.cuh"
 #include "cuda/dense_gemm_target.h"
@@ -65,12 +73,19 @@ namespace ffi = xla::ffi;
 
 constexpr int kWarpGroups = 2;
 constexpr int kLargeThreads = 128 * kWarpGroups;
+constexpr int kBlocks = 2;   // m64 blocks of columns per warpgroup
+constexpr int kRows = 128;   // rows of x per CTA: the wgmma N
+constexpr int kColumns = 64 * kBlocks * kWarpGroups;
 constexpr int kStageK = 64;  // rows of K per stage
 constexpr int kStages = 5;   // ring slots: kStages - 2 stages load ahead
+// A split of K runs at least this many stages, and costs about kFixedStages
+// more (the first loads' round trip, the cluster sum): what choose_splits
+// weighs against filling more SMs.
+constexpr int kMinStagesPerSplit = 4;
+constexpr int kFixedStages = 3;
 
-template <int kBits, int kBlocks, int kRows>
+template <int kBits>
 struct LargeConfig {
-  static constexpr int kColumns = 64 * kBlocks * kWarpGroups;
   static constexpr int kPerWord = codes_per_word(kBits);
   static constexpr int kWordRows = kStageK / kPerWord;
   // Stage layout: x (kRows rows of 128 bytes), code words (kWordRows rows of
@@ -91,9 +106,6 @@ struct LargeConfig {
   static constexpr int kCodeChunks = kWordRows * kColumns / 4;
   static constexpr int kScaleChunks = kColumns / 8;  // per scale row
   static_assert(kXChunks % kLargeThreads == 0, "x copies must fill whole rounds");
-  // Two CTAs per SM when the accumulators are small (64 x 64 per warpgroup),
-  // so one CTA's loads and dequantization overlap the other's wgmmas.
-  static constexpr int kCtasPerSm = kBlocks * kRows <= 64 ? 2 : 1;
 };
 
 // Where this thread's cp.async copies go, computed once: thread i copies x
@@ -101,9 +113,9 @@ struct LargeConfig {
 // chunk is the same in every round) and code chunk i, i + 256, ... (word row
 // i / (kColumns / 4) + 256 r / (kColumns / 4), 4 columns); a stage only adds
 // its K offset.
-template <typename T, int kBits, bool kSymmetric, int kBlocks, int kRows>
+template <typename T, int kBits, bool kSymmetric>
 struct StageCopies {
-  using L = LargeConfig<kBits, kBlocks, kRows>;
+  using L = LargeConfig<kBits>;
   const T* x;             // row row0 + i / 8, column 8 (i % 8) of K
   const uint32_t* codes;  // word row i / (kColumns / 4), column col0 + 4 (i % (kColumns / 4))
   int x_dst, code_dst;
@@ -116,9 +128,9 @@ struct StageCopies {
     x = p.x + int64_t(row0 + r) * p.k + 8 * c;
     x_dst = 128 * r + 16 * (c ^ (r % 8));
     x_rows_left = p.m - row0 - r;
-    const int code_row = i / (L::kColumns / 4), code_col = col0 + 4 * (i % (L::kColumns / 4));
+    const int code_row = i / (kColumns / 4), code_col = col0 + 4 * (i % (kColumns / 4));
     codes = p.codes + int64_t(code_row) * p.n + code_col;
-    code_dst = L::kCodeOffset + code_row * L::kCodeRowBytes + 16 * (i % (L::kColumns / 4));
+    code_dst = L::kCodeOffset + code_row * L::kCodeRowBytes + 16 * (i % (kColumns / 4));
     code_ok = code_col < p.n;
   }
 
@@ -131,7 +143,7 @@ struct StageCopies {
       copy16_async(stage + x_dst + 4096 * round, ok ? x + k0 + int64_t(32 * round) * p.k : p.x,
                    ok);
     }
-    constexpr int kCodeRoundRows = kLargeThreads / (L::kColumns / 4);
+    constexpr int kCodeRoundRows = kLargeThreads / (kColumns / 4);
 #pragma unroll
     for (int round = 0; round * kLargeThreads < L::kCodeChunks; ++round) {
       if (L::kCodeChunks % kLargeThreads == 0 ||
@@ -160,11 +172,98 @@ struct StageCopies {
   }
 };
 
-template <typename T, int kBits, bool kSymmetric, int kBlocks, int kRows>
-__global__ void __launch_bounds__(kLargeThreads, (LargeConfig<kBits, kBlocks, kRows>::kCtasPerSm))
+// The epilogue of a K split. For each column block b, every CTA of the
+// cluster writes its f32 partial sums (block b of both warpgroups: kRows x
+// 128) over its ring; then each CTA adds an equal share of them across the
+// cluster, in rank order (so the result does not depend on which CTA adds),
+// and stores y. A distributed shared memory load takes a few hundred cycles:
+// a thread adds four columns at a time and issues the loads of two such
+// quads from every CTA before it adds (one float at a time, add_across_cluster
+// made this epilogue cost about 20 us a CTA, docs/perf.md).
+template <typename T>
+__device__ __forceinline__ void add_split_partials(const float (&acc)[kBlocks][kRows / 2],
+                                                   char* smem, const StagedParams<T>& p,
+                                                   int row0, int col0, int group, int warp,
+                                                   int g, int t) {
+  namespace cg = cooperative_groups;
+  using Pair = typename Activation<T>::Pair;
+  constexpr int kWidth = 64 * kWarpGroups;  // columns of a round
+  constexpr int kQuads = kWidth / 4;        // per row
+  // Padded rows: a warp's float2 writes below then take two wavefronts, the least.
+  constexpr int kStride = kWidth + 8;
+  static_assert(kRows * kStride * 4 <= LargeConfig<2>::kSharedBytes, "partials fit in the ring");
+  constexpr int kBatch = 2;  // quads per thread whose loads are in flight together
+  cg::cluster_group cluster = cg::this_cluster();
+  const int splits = int(cluster.num_blocks()), rank = int(cluster.block_rank());
+  // Only the rows below M; this CTA adds quads [first, last) of them.
+  const int quads = min(kRows, p.m - row0) * kQuads;
+  const int first = quads * rank / splits, last = quads * (rank + 1) / splits;
+  float* partial = reinterpret_cast<float*>(smem);
+  wait_async<0>();  // only empty groups are left, but the ring must be quiet
+  __syncthreads();  // and no warp still reads its last stage
+  // Local column of MMA rows g, g + 8 (see `column` in the kernel).
+  const int local = group * 64 + 16 * warp + 2 * g;
+#pragma unroll
+  for (int b = 0; b < kBlocks; ++b) {
+#pragma unroll
+    for (int i = 0; i < kRows / 2; i += 4) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = 8 * (i / 4) + 2 * t + h;
+        *reinterpret_cast<float2*>(partial + m * kStride + local) =
+            make_float2(acc[b][i + h], acc[b][i + 2 + h]);
+      }
+    }
+    cluster.sync();  // every CTA's partials are written
+    for (int q0 = first + int(threadIdx.x); q0 < last; q0 += kBatch * kLargeThreads) {
+      float4 part[kBatch][kMaxSplits];
+#pragma unroll
+      for (int e = 0; e < kBatch; ++e) {
+        const int q = q0 + e * kLargeThreads;
+        const int at = q / kQuads * kStride + q % kQuads * 4;
+#pragma unroll
+        for (int r = 0; r < kMaxSplits; ++r) {
+          if (q < last && r < splits) {
+            part[e][r] = *reinterpret_cast<const float4*>(cluster.map_shared_rank(partial, r) + at);
+          }
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < kBatch; ++e) {
+        const int q = q0 + e * kLargeThreads;
+        if (q >= last) continue;
+        float4 sum = part[e][0];
+#pragma unroll
+        for (int r = 1; r < kMaxSplits; ++r) {
+          if (r < splits) {
+            sum.x += part[e][r].x;
+            sum.y += part[e][r].y;
+            sum.z += part[e][r].z;
+            sum.w += part[e][r].w;
+          }
+        }
+        const int m = row0 + q / kQuads, c = q % kQuads * 4;
+        const int col = col0 + (c / 64 * kBlocks + b) * 64 + c % 64;
+        if (col >= p.n) continue;  // N % 8 == 0: all four columns or none
+        Pair lo, hi;
+        lo.x = from_float<T>(sum.x);
+        lo.y = from_float<T>(sum.y);
+        hi.x = from_float<T>(sum.z);
+        hi.y = from_float<T>(sum.w);
+        Pair* out = reinterpret_cast<Pair*>(p.y + int64_t(m) * p.n + col);
+        out[0] = lo;
+        out[1] = hi;
+      }
+    }
+    cluster.sync();  // every CTA is done reading before the next round's writes
+  }
+}
+
+template <typename T, int kBits, bool kSymmetric>
+__global__ void __launch_bounds__(kLargeThreads, 1)
     gemm_large_m_kernel(StagedParams<T> p, int row_tiles) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using L = LargeConfig<kBits, kBlocks, kRows>;
+  using L = LargeConfig<kBits>;
   using Pair = typename Activation<T>::Pair;
   using Dq = Dequantizer<T, kBits, kSymmetric>;
   // Stages start 1024-byte aligned, as the swizzle pattern needs (kBytes is
@@ -176,12 +275,16 @@ __global__ void __launch_bounds__(kLargeThreads, (LargeConfig<kBits, kBlocks, kR
   const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
   // CTAs are ordered with M fastest (row_tiles row tiles per column tile).
   const int row0 = blockIdx.x % row_tiles * kRows;
-  const int col0 = blockIdx.x / row_tiles * L::kColumns;
-  const int stages = p.k / kStageK;
+  const int col0 = blockIdx.x / row_tiles * kColumns;
+  // This CTA's share of the K stages (all of them without a split; the
+  // launcher gives every split at least one).
+  const int splits = int(gridDim.y);
+  const int first = p.k / kStageK * int(blockIdx.y) / splits;
+  const int stages = p.k / kStageK * (int(blockIdx.y) + 1) / splits - first;
 
   if (stages == 0) {  // K = 0: y is zero (the wgmma loop below never runs)
-    for (int i = threadIdx.x; i < kRows * L::kColumns; i += kLargeThreads) {
-      const int m = row0 + i / L::kColumns, col = col0 + i % L::kColumns;
+    for (int i = threadIdx.x; i < kRows * kColumns; i += kLargeThreads) {
+      const int m = row0 + i / kColumns, col = col0 + i % kColumns;
       if (m < p.m && col < p.n) p.y[int64_t(m) * p.n + col] = from_float<T>(0.f);
     }
     return;
@@ -194,7 +297,7 @@ __global__ void __launch_bounds__(kLargeThreads, (LargeConfig<kBits, kBlocks, kR
 #pragma unroll
   for (int b = 0; b < kBlocks; ++b) column[b] = (group * kBlocks + b) * 64 + 16 * warp + 2 * g;
 
-  const StageCopies<T, kBits, kSymmetric, kBlocks, kRows> copies(p, row0, col0);
+  const StageCopies<T, kBits, kSymmetric> copies(p, row0, col0);
   // Left unset: the first wgmma overwrites them (see wgmma.cuh).
   float acc[kBlocks][kRows / 2];
   // One A register set per step of a stage: the set of step s + 1 is filled
@@ -206,7 +309,7 @@ __global__ void __launch_bounds__(kLargeThreads, (LargeConfig<kBits, kBlocks, kR
   // kStages - 3 groups is waiting for stage j.
 #pragma unroll
   for (int i = 0; i < kStages - 2; ++i) {
-    if (i < stages) copies.load(smem + i * L::kBytes, p, i, col0);
+    if (i < stages) copies.load(smem + i * L::kBytes, p, first + i, col0);
     commit_async();
   }
   auto begin_stage = [&](int j) {
@@ -217,7 +320,9 @@ __global__ void __launch_bounds__(kLargeThreads, (LargeConfig<kBits, kBlocks, kR
     // slot is refilled now.
     __syncthreads();
     const int next = j + kStages - 2;
-    if (next < stages) copies.load(smem + (next % kStages) * L::kBytes, p, next, col0);
+    if (next < stages) {
+      copies.load(smem + (next % kStages) * L::kBytes, p, first + next, col0);
+    }
     commit_async();
   };
   // The A fragments of rows 16 step .. + 15 of a stage.
@@ -273,6 +378,10 @@ __global__ void __launch_bounds__(kLargeThreads, (LargeConfig<kBits, kBlocks, kR
   }
   wgmma::wait<0>();
 
+  if (splits > 1) {
+    add_split_partials<T>(acc, smem, p, row0, col0, group, warp, g, t);
+    return;
+  }
   // Accumulators 4q + 2h and 4q + 2h + 1 of block b: MMA rows g (column
   // column[b]) and g + 8 (column[b] + 1) at MMA column 8q + 2t + h (a row of
   // x): one 4-byte store of two adjacent outputs.
@@ -299,41 +408,33 @@ __global__ void __launch_bounds__(kLargeThreads, (LargeConfig<kBits, kBlocks, kR
 #endif
 }
 
-template <typename T, int kBits, bool kSymmetric, int kBlocks, int kRows>
+template <typename T, int kBits, bool kSymmetric>
 cudaError_t launch(const GemmArgs& args, int device, cudaStream_t stream) {
-  using L = LargeConfig<kBits, kBlocks, kRows>;
-  constexpr auto kernel = gemm_large_m_kernel<T, kBits, kSymmetric, kBlocks, kRows>;
+  using L = LargeConfig<kBits>;
+  constexpr auto kernel = gemm_large_m_kernel<T, kBits, kSymmetric>;
   cudaError_t err = allow_shared_memory<kernel>(device, L::kSharedBytes);
   if (err != cudaSuccess) return err;
   const int row_tiles = (args.m + kRows - 1) / kRows;
-  const int column_tiles = (args.n + L::kColumns - 1) / L::kColumns;
-  kernel<<<row_tiles * column_tiles, kLargeThreads, L::kSharedBytes, stream>>>(
-      staged_params<T>(args), row_tiles);
-  return cudaGetLastError();
-}
-
-// The tile (columns x rows of x): 256 x 128 when that makes about a full
-// wave of CTAs, else 128 x 64 (four times the CTAs). 128 x 256 (one m64n256
-// block per warpgroup) was no faster on the H100 (docs/perf.md) and is not built.
-template <typename T, int kBits, bool kSymmetric>
-cudaError_t launch_tile(const GemmArgs& args, int device, cudaStream_t stream) {
-  int sms = 0;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int64_t big_tiles = int64_t((args.n + 255) / 256) * ((args.m + 127) / 128);
-  if (big_tiles >= sms * 9 / 10) {
-    return launch<T, kBits, kSymmetric, 2, 128>(args, device, stream);
-  }
-  return launch<T, kBits, kSymmetric, 1, 64>(args, device, stream);
+  const int tiles = row_tiles * ((args.n + kColumns - 1) / kColumns);
+  const int stages = args.k / kStageK;
+  const int splits =
+      stages == 0 ? 1
+                  : choose_splits<kernel>(device, tiles, stages / kMinStagesPerSplit,
+                                          kLargeThreads, L::kSharedBytes,
+                                          double(kFixedStages) / stages);
+  const ClusterLaunch launch(dim3(tiles, splits), kLargeThreads, L::kSharedBytes, stream);
+  err = cudaLaunchKernelEx(&launch.config, kernel, staged_params<T>(args), row_tiles);
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_type(const GemmArgs& args, bool symmetric, int device, cudaStream_t stream) {
   if (args.bits == 4) {
-    return symmetric ? launch_tile<T, 4, true>(args, device, stream)
-                     : launch_tile<T, 4, false>(args, device, stream);
+    return symmetric ? launch<T, 4, true>(args, device, stream)
+                     : launch<T, 4, false>(args, device, stream);
   }
-  return symmetric ? launch_tile<T, 2, true>(args, device, stream)
-                   : launch_tile<T, 2, false>(args, device, stream);
+  return symmetric ? launch<T, 2, true>(args, device, stream)
+                   : launch<T, 2, false>(args, device, stream);
 }
 
 ffi::Error gemm_large_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> codes,
