@@ -21,14 +21,17 @@
 //    of the word holding all 16 rows (int2). Each A register is one shift,
 //    one lop3, one hsub2 and one hmul2 (hfma2 with offsets) of a code word:
 //    the magic-number conversion of the small-M kernel (mma_fragments.cuh).
-//  * Operands arrive by cp.async in a ring of kStages stages of 64 rows of
-//    K: x in the wgmma 128-byte swizzle K-major layout (a stage of one row
-//    of x is 128 bytes; its 16-byte chunk c goes to chunk c ^ (m % 8), see
-//    wgmma.cuh; 8 threads copy one row's 128 contiguous bytes), the code
-//    words row by row as stored, and the rows of scales (and offsets) that
-//    the stage's groups use. Lanes read their words and scales from shared
-//    memory; the four lanes of a quad read the same ones (a broadcast). Each
-//    thread's copy addresses are computed once (StageCopies).
+//  * Operands arrive by TMA (tma.cuh) in a ring of kStages stages of 64
+//    rows of K: x in the wgmma 128-byte swizzle K-major layout (a stage of
+//    one row of x is 128 bytes; its 16-byte chunk c goes to chunk c ^ (m %
+//    8), see wgmma.cuh), the code words row by row as stored, and the rows
+//    of scales (and offsets) that the stage's groups use; rows past M and
+//    columns past N arrive as zeros. One thread asks for a stage's four
+//    tiles and every thread waits on the stage's mbarrier: with cp.async
+//    issued by every thread, the copies' address arithmetic was about a
+//    third of the kernel's instructions (docs/perf.md). Lanes read their
+//    words and scales from shared memory; the four lanes of a quad read the
+//    same ones (a broadcast).
 //  * wgmma is asynchronous: the A registers of step s + 1 are dequantized
 //    (into their own register set, one per step of a stage) while the
 //    wgmmas of steps s - 2 .. s run; then the warpgroup waits for step
@@ -55,13 +58,13 @@
 
 #include "cuda/cluster_split.cuh"
 #include "cuda/convert.cuh"
-#include "cuda/cp_async.cuh"
 #include "cuda/dense_gemm_target.h"
 #include "cuda/handlers.h"
 #include "cuda/kernel_attributes.h"
 #include "cuda/mma_fragments.cuh"
 #include "cuda/small_m.cuh"
 #include "cuda/staged_gemm.cuh"
+#include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
 #include "format.h"
 #include "weight_shape.h"
@@ -99,77 +102,17 @@ struct LargeConfig {
   static constexpr int kScaleOffset = kCodeOffset + kWordRows * kCodeRowBytes;
   static constexpr int kOffsetOffset = kScaleOffset + kScaleRows * kScaleRowBytes;
   static constexpr int kBytes = kOffsetOffset + kScaleRows * kScaleRowBytes;
-  static constexpr int kSharedBytes = kStages * kBytes;
+  // The stages' mbarriers follow the ring.
+  static constexpr int kBarrierOffset = kStages * kBytes;
+  static constexpr int kSharedBytes = kBarrierOffset + kStages * 8;
   static_assert(kXBytes % 1024 == 0 && kBytes % 1024 == 0, "stages must stay 1024-byte aligned");
-  // 16-byte copies per stage, and per thread (the last round may be partial).
-  static constexpr int kXChunks = kRows * kStageK / 8;
-  static constexpr int kCodeChunks = kWordRows * kColumns / 4;
-  static constexpr int kScaleChunks = kColumns / 8;  // per scale row
-  static_assert(kXChunks % kLargeThreads == 0, "x copies must fill whole rounds");
 };
 
-// Where this thread's cp.async copies go, computed once: thread i copies x
-// chunk i, i + 256, ... (row i / 8 + 32 r, K chunk i % 8, so the swizzled
-// chunk is the same in every round) and code chunk i, i + 256, ... (word row
-// i / (kColumns / 4) + 256 r / (kColumns / 4), 4 columns); a stage only adds
-// its K offset.
-template <typename T, int kBits, bool kSymmetric>
-struct StageCopies {
-  using L = LargeConfig<kBits>;
-  const T* x;             // row row0 + i / 8, column 8 (i % 8) of K
-  const uint32_t* codes;  // word row i / (kColumns / 4), column col0 + 4 (i % (kColumns / 4))
-  int x_dst, code_dst;
-  int x_rows_left;  // rows of x from this thread's first row to M
-  bool code_ok;
-
-  __device__ __forceinline__ StageCopies(const StagedParams<T>& p, int row0, int col0) {
-    const int i = threadIdx.x;
-    const int r = i / 8, c = i % 8;
-    x = p.x + int64_t(row0 + r) * p.k + 8 * c;
-    x_dst = 128 * r + 16 * (c ^ (r % 8));
-    x_rows_left = p.m - row0 - r;
-    const int code_row = i / (kColumns / 4), code_col = col0 + 4 * (i % (kColumns / 4));
-    codes = p.codes + int64_t(code_row) * p.n + code_col;
-    code_dst = L::kCodeOffset + code_row * L::kCodeRowBytes + 16 * (i % (kColumns / 4));
-    code_ok = code_col < p.n;
-  }
-
-  __device__ __forceinline__ void load(char* stage, const StagedParams<T>& p, int index,
-                                       int col0) const {
-    const int k0 = index * kStageK;
-#pragma unroll
-    for (int round = 0; round < L::kXChunks / kLargeThreads; ++round) {
-      const bool ok = 32 * round < x_rows_left;
-      copy16_async(stage + x_dst + 4096 * round, ok ? x + k0 + int64_t(32 * round) * p.k : p.x,
-                   ok);
-    }
-    constexpr int kCodeRoundRows = kLargeThreads / (kColumns / 4);
-#pragma unroll
-    for (int round = 0; round * kLargeThreads < L::kCodeChunks; ++round) {
-      if (L::kCodeChunks % kLargeThreads == 0 ||
-          int(threadIdx.x) + round * kLargeThreads < L::kCodeChunks) {
-        const int64_t row = k0 / L::kPerWord + round * kCodeRoundRows;
-        copy16_async(stage + code_dst + round * kCodeRoundRows * L::kCodeRowBytes,
-                     code_ok ? codes + row * p.n : p.codes, code_ok);
-      }
-    }
-    // The scale (and offset) rows of the groups this stage touches, 8
-    // columns a copy: one row, or two for 32-row groups.
-    const int scale_rows = p.group_shift >= 6 ? 1 : L::kScaleRows;
-    const int i = threadIdx.x;
-    if (i < scale_rows * L::kScaleChunks) {
-      const int r = i / L::kScaleChunks, c = i % L::kScaleChunks;
-      const int group = p.group_shift >= 31 ? 0 : (k0 >> p.group_shift) + r;
-      const int col = col0 + 8 * c;
-      const bool ok = col < p.n;
-      const int64_t at = int64_t(group) * p.n + col;
-      const int dst = r * L::kScaleRowBytes + 16 * c;
-      copy16_async(stage + L::kScaleOffset + dst, ok ? p.scales + at : p.scales, ok);
-      if (!kSymmetric) {
-        copy16_async(stage + L::kOffsetOffset + dst, ok ? p.offsets + at : p.offsets, ok);
-      }
-    }
-  }
+// The TMA tiles of a stage: x (kRows rows x 64 of K, swizzled), code words
+// (kWordRows x kColumns), and scale and offset rows (scale_rows x kColumns:
+// two for 32-row groups, else one).
+struct StageMaps {
+  CUtensorMap x, codes, scales, offsets;
 };
 
 // The epilogue of a K split. For each column block b, every CTA of the
@@ -199,8 +142,7 @@ __device__ __forceinline__ void add_split_partials(const float (&acc)[kBlocks][k
   const int quads = min(kRows, p.m - row0) * kQuads;
   const int first = quads * rank / splits, last = quads * (rank + 1) / splits;
   float* partial = reinterpret_cast<float*>(smem);
-  wait_async<0>();  // only empty groups are left, but the ring must be quiet
-  __syncthreads();  // and no warp still reads its last stage
+  __syncthreads();  // no warp still reads its last stage (no loads are in flight)
   // Local column of MMA rows g, g + 8 (see `column` in the kernel).
   const int local = group * 64 + 16 * warp + 2 * g;
 #pragma unroll
@@ -261,7 +203,7 @@ __device__ __forceinline__ void add_split_partials(const float (&acc)[kBlocks][k
 
 template <typename T, int kBits, bool kSymmetric>
 __global__ void __launch_bounds__(kLargeThreads, 1)
-    gemm_large_m_kernel(StagedParams<T> p, int row_tiles) {
+    gemm_large_m_kernel(StagedParams<T> p, int row_tiles, const __grid_constant__ StageMaps maps) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = LargeConfig<kBits>;
   using Pair = typename Activation<T>::Pair;
@@ -279,16 +221,9 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
   // This CTA's share of the K stages (all of them without a split; the
   // launcher gives every split at least one).
   const int splits = int(gridDim.y);
+  // (K > 0: the handler writes y = 0 itself for K = 0.)
   const int first = p.k / kStageK * int(blockIdx.y) / splits;
   const int stages = p.k / kStageK * (int(blockIdx.y) + 1) / splits - first;
-
-  if (stages == 0) {  // K = 0: y is zero (the wgmma loop below never runs)
-    for (int i = threadIdx.x; i < kRows * kColumns; i += kLargeThreads) {
-      const int m = row0 + i / kColumns, col = col0 + i % kColumns;
-      if (m < p.m && col < p.n) p.y[int64_t(m) * p.n + col] = from_float<T>(0.f);
-    }
-    return;
-  }
 
   // MMA rows g and g + 8 of warp `warp` in block b are the adjacent columns
   // column[b] and column[b] + 1 (relative to col0): one 8-byte read gets both
@@ -297,33 +232,43 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
 #pragma unroll
   for (int b = 0; b < kBlocks; ++b) column[b] = (group * kBlocks + b) * 64 + 16 * warp + 2 * g;
 
-  const StageCopies<T, kBits, kSymmetric> copies(p, row0, col0);
   // Left unset: the first wgmma overwrites them (see wgmma.cuh).
   float acc[kBlocks][kRows / 2];
   // One A register set per step of a stage: the set of step s + 1 is filled
   // while the wgmmas of steps s - 1 and s run.
   uint32_t a[kStageK / 16][kBlocks][4];
 
-  // Stage j lives in slot j % kStages. Every stage commits one group of
-  // copies (empty past the end), so waiting for all but the newest
-  // kStages - 3 groups is waiting for stage j.
-#pragma unroll
-  for (int i = 0; i < kStages - 2; ++i) {
-    if (i < stages) copies.load(smem + i * L::kBytes, p, first + i, col0);
-    commit_async();
+  // Stage j lives in slot j % kStages and completes phase j / kStages of its
+  // slot's barrier.
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBarrierOffset);
+  const int scale_rows = p.group_shift >= 6 ? 1 : L::kScaleRows;
+  const uint32_t stage_bytes = L::kXBytes + L::kWordRows * L::kCodeRowBytes +
+                               (kSymmetric ? 1 : 2) * scale_rows * L::kScaleRowBytes;
+  auto load = [&](int j) {  // thread 0 only
+    char* stage = smem + (j % kStages) * L::kBytes;
+    uint64_t* barrier = full + j % kStages;
+    const int k0 = (first + j) * kStageK;
+    const int scale_row = p.group_shift >= 31 ? 0 : k0 >> p.group_shift;
+    tma::expect_bytes(barrier, stage_bytes);
+    tma::load_2d(stage, &maps.x, row0, k0, barrier);
+    tma::load_2d(stage + L::kCodeOffset, &maps.codes, k0 / L::kPerWord, col0, barrier);
+    tma::load_2d(stage + L::kScaleOffset, &maps.scales, scale_row, col0, barrier);
+    if (!kSymmetric) tma::load_2d(stage + L::kOffsetOffset, &maps.offsets, scale_row, col0, barrier);
+  };
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kStages; ++i) tma::init_barrier(full + i);
+    tma::fence_init();
+    for (int i = 0; i < kStages - 2 && i < stages; ++i) load(i);
   }
+  __syncthreads();  // the barriers are initialized
   auto begin_stage = [&](int j) {
-    wait_async<kStages - 3>();
-    wgmma::fence_async_shared();
-    // Stage j is visible to every thread, and both warpgroups are past the
-    // wgmmas of stage j - 2 (at most three groups, of stage j - 1, run), whose
-    // slot is refilled now.
+    tma::wait(full + j % kStages, (j / kStages) & 1);
+    // Both warpgroups are past the wgmmas of stage j - 2 (at most three
+    // groups, of stage j - 1, run) and its dequantization: its slot is
+    // refilled now.
     __syncthreads();
     const int next = j + kStages - 2;
-    if (next < stages) {
-      copies.load(smem + (next % kStages) * L::kBytes, p, first + next, col0);
-    }
-    commit_async();
+    if (threadIdx.x == 0 && next < stages) load(next);
   };
   // The A fragments of rows 16 step .. + 15 of a stage.
   auto dequantize = [&](const char* stage, int step, uint32_t(&frag)[kBlocks][4]) {
@@ -409,32 +354,43 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
 }
 
 template <typename T, int kBits, bool kSymmetric>
-cudaError_t launch(const GemmArgs& args, int device, cudaStream_t stream) {
+cudaError_t launch(const GemmArgs& args, const StageMaps& maps, int device, cudaStream_t stream) {
   using L = LargeConfig<kBits>;
   constexpr auto kernel = gemm_large_m_kernel<T, kBits, kSymmetric>;
   cudaError_t err = allow_shared_memory<kernel>(device, L::kSharedBytes);
   if (err != cudaSuccess) return err;
   const int row_tiles = (args.m + kRows - 1) / kRows;
   const int tiles = row_tiles * ((args.n + kColumns - 1) / kColumns);
-  const int stages = args.k / kStageK;
+  const int stages = args.k / kStageK;  // > 0
   const int splits =
-      stages == 0 ? 1
-                  : choose_splits<kernel>(device, tiles, stages / kMinStagesPerSplit,
-                                          kLargeThreads, L::kSharedBytes,
-                                          double(kFixedStages) / stages);
+      choose_splits<kernel>(device, tiles, stages / kMinStagesPerSplit, kLargeThreads,
+                            L::kSharedBytes, double(kFixedStages) / stages);
   const ClusterLaunch launch(dim3(tiles, splits), kLargeThreads, L::kSharedBytes, stream);
-  err = cudaLaunchKernelEx(&launch.config, kernel, staged_params<T>(args), row_tiles);
+  err = cudaLaunchKernelEx(&launch.config, kernel, staged_params<T>(args), row_tiles, maps);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_type(const GemmArgs& args, bool symmetric, int device, cudaStream_t stream) {
+cudaError_t launch_type(const GemmArgs& args, const StageMaps& maps, bool symmetric, int device,
+                        cudaStream_t stream) {
   if (args.bits == 4) {
-    return symmetric ? launch<T, 4, true>(args, device, stream)
-                     : launch<T, 4, false>(args, device, stream);
+    return symmetric ? launch<T, 4, true>(args, maps, device, stream)
+                     : launch<T, 4, false>(args, maps, device, stream);
   }
-  return symmetric ? launch<T, 2, true>(args, device, stream)
-                   : launch<T, 2, false>(args, device, stream);
+  return symmetric ? launch<T, 2, true>(args, maps, device, stream)
+                   : launch<T, 2, false>(args, maps, device, stream);
+}
+
+// The tensor maps of a stage's tiles (see StageMaps), for M, N, K > 0.
+bool stage_maps(const GemmArgs& args, StageMaps& maps) {
+  const int per_word = codes_per_word(args.bits);
+  const uint64_t groups = args.group_shift >= 31 ? 1 : uint64_t(args.k) >> args.group_shift;
+  const uint32_t scale_rows = args.group_shift >= 6 ? 1 : kStageK / 32;
+  return tma::map_2d(&maps.x, args.x, 2, args.m, args.k, kRows, kStageK, true) &&
+         tma::map_2d(&maps.codes, args.codes, 4, args.k / per_word, args.n, kStageK / per_word,
+                     kColumns, false) &&
+         tma::map_2d(&maps.scales, args.scales, 2, groups, args.n, scale_rows, kColumns, false) &&
+         tma::map_2d(&maps.offsets, args.offsets, 2, groups, args.n, scale_rows, kColumns, false);
 }
 
 ffi::Error gemm_large_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> codes,
@@ -457,9 +413,16 @@ ffi::Error gemm_large_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
     return ffi::Error::InvalidArgument("gemm (large M): the wgmma kernel needs an sm_90 GPU");
   }
   if (p.m == 0 || p.n == 0) return ffi::Error::Success();
+  if (p.k == 0) {  // an empty sum: y = 0 (zero bits in bf16 and fp16)
+    return launch_result(cudaMemsetAsync(p.y, 0, size_t(p.m) * p.n * 2, stream));
+  }
+  StageMaps maps;
+  if (!stage_maps(args, maps)) {
+    return ffi::Error::Internal("gemm (large M): the CUDA driver refused a TMA tensor map");
+  }
   return launch_result(x.element_type() == ffi::BF16
-                           ? launch_type<__nv_bfloat16>(args, symmetric, device, stream)
-                           : launch_type<__half>(args, symmetric, device, stream));
+                           ? launch_type<__nv_bfloat16>(args, maps, symmetric, device, stream)
+                           : launch_type<__half>(args, maps, symmetric, device, stream));
 }
 
 }  // namespace

@@ -108,7 +108,12 @@ struct Dequantizer {
   // Weights of code pair `pair` (rows 2*pair, 2*pair + 1) of `word`.
   static __device__ __forceinline__ uint32_t pair(uint32_t word, int pair_index, Pair scale,
                                                   Pair offset) {
-    const uint32_t lanes = ((word >> (pair_index * kBits)) & kMask) | kMagic2;
+    // (shifted & mask) | magic as one lop3 (0xEA: a & b | c); ptxas left it as
+    // two in the wgmma kernel, where dequantization bounds the issue rate.
+    uint32_t lanes;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n"
+        : "=r"(lanes)
+        : "r"(word >> (pair_index * kBits)), "n"(kMask), "n"(kMagic2));
     const Pair codes = __hsub2(as_pair<Pair>(lanes), as_pair<Pair>(kBias2));
     return as_bits(kSymmetric ? __hmul2(codes, scale) : __hfma2(codes, scale, offset));
   }

@@ -24,12 +24,6 @@ __device__ __forceinline__ void wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
 
-// Shared memory written through the generic proxy (cp.async, st.shared) is
-// read by wgmma through the async proxy: each writer fences before the barrier.
-__device__ __forceinline__ void fence_async_shared() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
 // Matrix descriptor of a K-major operand in the 128-byte swizzle layout:
 // rows of 64 bf16/fp16 (128 bytes) stored one after the other, 16-byte chunk
 // c of row r at chunk c ^ (r % 8), so that the 8 rows of a core-matrix column

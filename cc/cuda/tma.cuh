@@ -1,0 +1,111 @@
+// Tensor memory accelerator (TMA, sm_90) loads of 2-D tiles into shared
+// memory, completed on an mbarrier: on the host the tensor map of a
+// row-major array, on the device the barrier and copy instructions (PTX ISA
+// 9.7.9.25 and 9.7.13.15). One thread asks for a whole tile, so the other
+// threads spend no instructions on loads; rows and columns past the array's
+// end arrive as zeros.
+#ifndef JAX_LOWBIT_CUDA_TMA_CUH_
+#define JAX_LOWBIT_CUDA_TMA_CUH_
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/cp_async.cuh"  // shared_address
+
+namespace jax_lowbit {
+namespace tma {
+
+// --- host ---------------------------------------------------------------------
+
+// cuTensorMapEncodeTiled from the driver the runtime uses (asked for once),
+// so the extension needs no link to libcuda; null if the driver lacks it.
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                 const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                 const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                 CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+inline EncodeTiled encode_tiled() {
+  static const EncodeTiled encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return EncodeTiled{nullptr};
+    }
+    return reinterpret_cast<EncodeTiled>(fn);
+  }();
+  return encode;
+}
+
+// The map of a row-major (rows x columns) array of 2- or 4-byte elements
+// whose tiles are box_rows x box_columns; `swizzle_128` stores each tile row
+// (then exactly 128 bytes) in the 128-byte swizzle layout that wgmma reads.
+// False if the driver refuses (the caller reports it).
+inline bool map_2d(CUtensorMap* map, const void* base, int element_bytes, uint64_t rows,
+                   uint64_t columns, uint32_t box_rows, uint32_t box_columns, bool swizzle_128) {
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {columns, rows};
+  const cuuint64_t row_stride[1] = {columns * element_bytes};
+  const cuuint32_t box[2] = {box_columns, box_rows};
+  const cuuint32_t element_strides[2] = {1, 1};
+  return encode(map,
+                element_bytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_UINT32
+                                   : CU_TENSOR_MAP_DATA_TYPE_UINT16,
+                2, const_cast<void*>(base), dims, row_stride, box, element_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE,
+                swizzle_128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// --- device -------------------------------------------------------------------
+
+// A barrier that one arrival (the thread asking for the loads) and the
+// loads' bytes complete; fence_init makes it visible to the TMA unit.
+__device__ __forceinline__ void init_barrier(uint64_t* barrier) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(shared_address(barrier)));
+}
+__device__ __forceinline__ void fence_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// Arrive and announce `bytes` of loads to come on the barrier's current phase.
+__device__ __forceinline__ void expect_bytes(uint64_t* barrier, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
+                   shared_address(barrier)),
+               "r"(bytes)
+               : "memory");
+}
+
+// The tile at (row, column) of `map` to `destination`, counted on `barrier`.
+__device__ __forceinline__ void load_2d(void* destination, const CUtensorMap* map, int row,
+                                        int column, uint64_t* barrier) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(shared_address(destination)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(column), "r"(row), "r"(shared_address(barrier))
+      : "memory");
+}
+
+// Returns once the barrier's phase of parity `phase` has completed.
+__device__ __forceinline__ void wait(uint64_t* barrier, uint32_t phase) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "retry:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra retry;\n"
+      "}\n" ::"r"(shared_address(barrier)),
+      "r"(phase)
+      : "memory");
+}
+
+}  // namespace tma
+}  // namespace jax_lowbit
+
+#endif  // JAX_LOWBIT_CUDA_TMA_CUH_
