@@ -2,11 +2,11 @@
 
 CPU: the C++ handlers take float32 scales, offsets, x and y; dtype
 conversions around the call are left to XLA, which fuses them.
-CUDA: matmul with int4/int2 codes and bf16/fp16 x runs a fused kernel. Up
-to 64 rows one handler per format picks it by M (cc/cuda/gemm_small_m.cu:
-the small-M or mid-M kernel; gemm_sparse_small_m.cu for 2:4 sparse weights:
-its direct or staged kernel); 65 to 512 rows of dense weights, on sm_90
-GPUs, the wgmma kernel (gemm_large_m.cu). Everything else is the dequantize kernel
+CUDA: matmul with int4/int2 codes and bf16/fp16 x runs a fused kernel. On
+sm_90 GPUs dense weights from LARGE_M_MIN_ROWS rows on run the wgmma kernel
+(gemm_large_m.cu). Otherwise, up to 64 rows, one handler per format picks
+the kernel by M (cc/cuda/gemm_small_m.cu: the small-M or mid-M kernel;
+gemm_sparse_small_m.cu for 2:4 sparse weights: its direct or staged kernel). Everything else is the dequantize kernel
 followed by XLA's dot. 2:4 sparse weights have targets of their own ("jax_lowbit_sparse_*"),
 which also read the metadata. The CPU and dequantize handlers compute
 ``code * scale + offset``; symmetric weights get their offset
@@ -111,16 +111,16 @@ def uses_small_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> boo
 
 
 LARGE_M_K_MULTIPLE = 64  # a pipeline stage of the wgmma kernel
-# Above this many rows dequantize + XLA's dot was faster on the H100 (1024
-# rows: 0.71x vs 0.76x of bf16; 256 rows: 0.65x vs 0.51x; docs/perf.md).
-LARGE_M_MAX_ROWS = 512
+# From this many rows on, the wgmma kernel was faster than the mid-M kernel
+# on the H100 (docs/perf.md); other GPUs keep the mid-M kernel to 64 rows.
+LARGE_M_MIN_ROWS = 33
 
 
 def uses_large_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> bool:
     """Whether a CUDA matmul of ``rows`` rows runs the wgmma kernel (sm_90 only):
-    dense weights, 65 to LARGE_M_MAX_ROWS rows, K a multiple of 64 and N of 8."""
+    dense weights, at least LARGE_M_MIN_ROWS rows, K a multiple of 64 and N of 8."""
     k, n = fmt.shape
-    return (not fmt.sparsity and SMALL_M_MAX_ROWS < rows <= LARGE_M_MAX_ROWS
+    return (not fmt.sparsity and rows >= LARGE_M_MIN_ROWS
             and _fused_kernels_take(fmt, dtype, scale_dtype)
             and k % LARGE_M_K_MULTIPLE == 0 and n % 8 == 0
             and _extension.cuda_devices_are_hopper())

@@ -33,23 +33,23 @@ def hopper(request, monkeypatch):
     jax.clear_caches()
 
 
-@pytest.mark.parametrize("x_shape", [(65, 256), (300, 256), (4, 100, 256)])
+@pytest.mark.parametrize("x_shape", [(33, 256), (65, 256), (300, 256), (4, 100, 256),
+                                     (8192, 256)])
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_large_m_uses_wgmma_kernel_on_sm90(x_shape, bits, symmetric, hopper, rng):
     qw = jax_lowbit.quantize(rng.normal(size=(256, 64)).astype(np.float32), bits, 128,
                              symmetric=symmetric)
-    want = LARGE_M if hopper else DEQUANTIZE_THEN_DOT
-    assert cuda_targets(x_shape, jnp.bfloat16, qw) == want
+    rows = int(np.prod(x_shape[:-1]))
+    elsewhere = FUSED if rows <= lowering.SMALL_M_MAX_ROWS else DEQUANTIZE_THEN_DOT
+    assert cuda_targets(x_shape, jnp.bfloat16, qw) == (LARGE_M if hopper else elsewhere)
 
 
 @pytest.mark.parametrize("case", ["K not a multiple of 64", "N not a multiple of 8", "2:4 sparse",
-                                  "float32 x", "too many rows"])
+                                  "float32 x"])
 def test_large_m_other_cases_dequantize_then_dot(case, hopper, rng):
     k, n, sparsity, x_dtype, rows = 256, 64, None, jnp.bfloat16, 200
-    if case == "too many rows":
-        rows = lowering.LARGE_M_MAX_ROWS + 1
-    elif case == "K not a multiple of 64":
+    if case == "K not a multiple of 64":
         k = 224
     elif case == "N not a multiple of 8":
         n = 68

@@ -25,7 +25,8 @@ def test_dequantize_kernel_writes_every_element(bits, group_size, symmetric, dty
     assert_kernel_dequantize(qw, dtype)
 
 
-# small-M (<= 32), mid-M kernels; above 64 the wgmma kernel on sm_90 (else dequantize + dot)
+# small-M (<= 32) kernel; 33 to 64 rows the wgmma kernel on sm_90, else the mid-M kernel;
+# above 64 the wgmma kernel on sm_90, else dequantize + dot
 @pytest.mark.parametrize("m", [8, 16, 32, 64, 65, 300])
 def test_repeated_runs_identical(m, rng):
     qw = jax_lowbit.quantize(rng.normal(size=(1024, 512)).astype(np.float32), 4, 128)
@@ -42,7 +43,7 @@ def test_repeated_runs_identical(m, rng):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 # 4224: several passes of each warp's loop, a partial last 256-row stage and K
-# split across a cluster in the mid-M kernel
+# split across a cluster in the mid-M kernel (which N = 196 keeps on sm_90 too)
 @pytest.mark.parametrize("k", [512, 4224])
 def test_small_m_kernel_writes_every_element(m, bits, group_size, symmetric, dtype, k, rng):
     n = 196  # not a multiple of a CTA's 32 or 128 columns; scale rows only 8-byte aligned
@@ -52,18 +53,19 @@ def test_small_m_kernel_writes_every_element(m, bits, group_size, symmetric, dty
     assert_kernel_matmul(x, qw)
 
 
-@pytest.mark.parametrize("m", [65, 130, 300])  # partial 128-row tiles
+# 33, 128: 256 x 128 tiles (partial, full); 129, 300: 128 x 256 tiles (partial)
+@pytest.mark.parametrize("m", [33, 128, 129, 300])
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 # 128: two pipeline stages (fewer than the ring holds), no K split; 4224: 66
-# stages split over a cluster of 8 CTAs (1 to 3 tiles: far
+# stages split over a cluster of 8 CTAs (1 to 4 tiles: far
 # fewer than the SMs) in unequal shares, and two groups in a stage for
 # 32-row groups
 @pytest.mark.parametrize("k", [128, 4224])
 def test_large_m_kernel_writes_every_element(m, bits, group_size, symmetric, dtype, k, rng):
-    n = 200  # not a multiple of a CTA's 256 columns
+    n = 200  # not a multiple of a CTA's 128 or 256 columns
     qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, group_size,
                              symmetric=symmetric)
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)
@@ -81,7 +83,7 @@ def _assert_large_m_kernel_matmul(x, qw):
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_large_m_kernel_full_wave(bits, symmetric, rng):
-    # 124 tiles of 256 x 128, about a wave: no K split; last row tile partial.
+    # 122 tiles of 128 x 256, about a wave: no K split; last row tile partial.
     m, k, n = 500, 512, 7688
     qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), bits, 64,
                              symmetric=symmetric)

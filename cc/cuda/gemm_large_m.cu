@@ -7,8 +7,9 @@
 //    are A: y^T = W^T x^T. A warpgroup (4 warps) owns kBlocks blocks of 64
 //    output columns; each block is the 64-row A of one m64nRk16 wgmma whose
 //    B is kRows rows of x (R = kRows). A CTA is two warpgroups, so it owns
-//    256 columns and 128 rows of x (the tile that ran fastest per SM; a
-//    128 x 64 tile at two CTAs per SM reached half its rate, docs/perf.md).
+//    128 kBlocks columns and kRows rows of x: 256 x 128 up to 128 rows of x,
+//    else 128 x 256 (see Tile; a 128 x 64 tile at two CTAs per SM reached
+//    half the rate of 256 x 128, docs/perf.md).
 //  * A registers are the m16n8k16 A fragment per warp (warp w of the group
 //    holds MMA rows 16w .. 16w + 15): lane (g, t) holds rows g and g + 8, k
 //    slots 2t, 2t + 1 (registers 0, 1) and 2t + 8, 2t + 9 (2, 3). Which
@@ -76,9 +77,6 @@ namespace ffi = xla::ffi;
 
 constexpr int kWarpGroups = 2;
 constexpr int kLargeThreads = 128 * kWarpGroups;
-constexpr int kBlocks = 2;   // m64 blocks of columns per warpgroup
-constexpr int kRows = 128;   // rows of x per CTA: the wgmma N
-constexpr int kColumns = 64 * kBlocks * kWarpGroups;
 constexpr int kStageK = 64;  // rows of K per stage
 constexpr int kStages = 5;   // ring slots: kStages - 2 stages load ahead
 // A split of K runs at least this many stages, and costs about kFixedStages
@@ -87,8 +85,24 @@ constexpr int kStages = 5;   // ring slots: kStages - 2 stages load ahead
 constexpr int kMinStagesPerSplit = 4;
 constexpr int kFixedStages = 3;
 
-template <int kBits>
-struct LargeConfig {
+// A CTA's tile: kBlocks m64 blocks of weight columns per warpgroup (so
+// kColumns in all) and kRows rows of x, the wgmma N.
+template <int kBlockCount, int kRowCount>
+struct Tile {
+  static constexpr int kBlocks = kBlockCount;
+  static constexpr int kRows = kRowCount;
+  static constexpr int kColumns = 64 * kBlocks * kWarpGroups;
+};
+// Above 128 rows, 128 columns x 256 rows (m64n256): a warpgroup dequantizes
+// half as many weights per MMA as with 256 x 128, which made the kernel 1.25x
+// faster at M = 256 to 4096 on the H100 (docs/perf.md). Up to 128 rows,
+// 256 x 128 wastes no rows.
+using NarrowTile = Tile<2, 128>;
+using WideTile = Tile<1, 256>;
+
+template <int kBits, typename TileShape>
+struct LargeConfig : TileShape {
+  using TileShape::kBlocks, TileShape::kColumns, TileShape::kRows;
   static constexpr int kPerWord = codes_per_word(kBits);
   static constexpr int kWordRows = kStageK / kPerWord;
   // Stage layout: x (kRows rows of 128 bytes), code words (kWordRows rows of
@@ -123,18 +137,19 @@ struct StageMaps {
 // a thread adds four columns at a time and issues the loads of two such
 // quads from every CTA before it adds (one float at a time, add_across_cluster
 // made this epilogue cost about 20 us a CTA, docs/perf.md).
-template <typename T>
-__device__ __forceinline__ void add_split_partials(const float (&acc)[kBlocks][kRows / 2],
-                                                   char* smem, const StagedParams<T>& p,
-                                                   int row0, int col0, int group, int warp,
-                                                   int g, int t) {
+template <typename T, typename TileShape>
+__device__ __forceinline__ void add_split_partials(
+    const float (&acc)[TileShape::kBlocks][TileShape::kRows / 2], char* smem,
+    const StagedParams<T>& p, int row0, int col0, int group, int warp, int g, int t) {
+  constexpr int kBlocks = TileShape::kBlocks, kRows = TileShape::kRows;
   namespace cg = cooperative_groups;
   using Pair = typename Activation<T>::Pair;
   constexpr int kWidth = 64 * kWarpGroups;  // columns of a round
   constexpr int kQuads = kWidth / 4;        // per row
   // Padded rows: a warp's float2 writes below then take two wavefronts, the least.
   constexpr int kStride = kWidth + 8;
-  static_assert(kRows * kStride * 4 <= LargeConfig<2>::kSharedBytes, "partials fit in the ring");
+  static_assert(kRows * kStride * 4 <= LargeConfig<2, TileShape>::kSharedBytes,
+                "partials fit in the ring");
   constexpr int kBatch = 2;  // quads per thread whose loads are in flight together
   cg::cluster_group cluster = cg::this_cluster();
   const int splits = int(cluster.num_blocks()), rank = int(cluster.block_rank());
@@ -201,11 +216,12 @@ __device__ __forceinline__ void add_split_partials(const float (&acc)[kBlocks][k
   }
 }
 
-template <typename T, int kBits, bool kSymmetric>
+template <typename T, int kBits, bool kSymmetric, typename TileShape>
 __global__ void __launch_bounds__(kLargeThreads, 1)
     gemm_large_m_kernel(StagedParams<T> p, int row_tiles, const __grid_constant__ StageMaps maps) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using L = LargeConfig<kBits>;
+  using L = LargeConfig<kBits, TileShape>;
+  constexpr int kBlocks = L::kBlocks, kRows = L::kRows, kColumns = L::kColumns;
   using Pair = typename Activation<T>::Pair;
   using Dq = Dequantizer<T, kBits, kSymmetric>;
   // Stages start 1024-byte aligned, as the swizzle pattern needs (kBytes is
@@ -253,7 +269,9 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
     tma::load_2d(stage, &maps.x, row0, k0, barrier);
     tma::load_2d(stage + L::kCodeOffset, &maps.codes, k0 / L::kPerWord, col0, barrier);
     tma::load_2d(stage + L::kScaleOffset, &maps.scales, scale_row, col0, barrier);
-    if (!kSymmetric) tma::load_2d(stage + L::kOffsetOffset, &maps.offsets, scale_row, col0, barrier);
+    if (!kSymmetric) {
+      tma::load_2d(stage + L::kOffsetOffset, &maps.offsets, scale_row, col0, barrier);
+    }
   };
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) tma::init_barrier(full + i);
@@ -324,7 +342,7 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
   wgmma::wait<0>();
 
   if (splits > 1) {
-    add_split_partials<T>(acc, smem, p, row0, col0, group, warp, g, t);
+    add_split_partials<T, TileShape>(acc, smem, p, row0, col0, group, warp, g, t);
     return;
   }
   // Accumulators 4q + 2h and 4q + 2h + 1 of block b: MMA rows g (column
@@ -353,10 +371,11 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
 #endif
 }
 
-template <typename T, int kBits, bool kSymmetric>
+template <typename T, int kBits, bool kSymmetric, typename TileShape>
 cudaError_t launch(const GemmArgs& args, const StageMaps& maps, int device, cudaStream_t stream) {
-  using L = LargeConfig<kBits>;
-  constexpr auto kernel = gemm_large_m_kernel<T, kBits, kSymmetric>;
+  using L = LargeConfig<kBits, TileShape>;
+  constexpr int kRows = L::kRows, kColumns = L::kColumns;
+  constexpr auto kernel = gemm_large_m_kernel<T, kBits, kSymmetric, TileShape>;
   cudaError_t err = allow_shared_memory<kernel>(device, L::kSharedBytes);
   if (err != cudaSuccess) return err;
   const int row_tiles = (args.m + kRows - 1) / kRows;
@@ -370,19 +389,21 @@ cudaError_t launch(const GemmArgs& args, const StageMaps& maps, int device, cuda
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, typename TileShape>
 cudaError_t launch_type(const GemmArgs& args, const StageMaps& maps, bool symmetric, int device,
                         cudaStream_t stream) {
   if (args.bits == 4) {
-    return symmetric ? launch<T, 4, true>(args, maps, device, stream)
-                     : launch<T, 4, false>(args, maps, device, stream);
+    return symmetric ? launch<T, 4, true, TileShape>(args, maps, device, stream)
+                     : launch<T, 4, false, TileShape>(args, maps, device, stream);
   }
-  return symmetric ? launch<T, 2, true>(args, maps, device, stream)
-                   : launch<T, 2, false>(args, maps, device, stream);
+  return symmetric ? launch<T, 2, true, TileShape>(args, maps, device, stream)
+                   : launch<T, 2, false, TileShape>(args, maps, device, stream);
 }
 
 // The tensor maps of a stage's tiles (see StageMaps), for M, N, K > 0.
+template <typename TileShape>
 bool stage_maps(const GemmArgs& args, StageMaps& maps) {
+  constexpr int kRows = TileShape::kRows, kColumns = TileShape::kColumns;
   const int per_word = codes_per_word(args.bits);
   const uint64_t groups = args.group_shift >= 31 ? 1 : uint64_t(args.k) >> args.group_shift;
   const uint32_t scale_rows = args.group_shift >= 6 ? 1 : kStageK / 32;
@@ -416,13 +437,20 @@ ffi::Error gemm_large_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
   if (p.k == 0) {  // an empty sum: y = 0 (zero bits in bf16 and fp16)
     return launch_result(cudaMemsetAsync(p.y, 0, size_t(p.m) * p.n * 2, stream));
   }
+  const bool narrow = p.m <= NarrowTile::kRows;
   StageMaps maps;
-  if (!stage_maps(args, maps)) {
+  if (!(narrow ? stage_maps<NarrowTile>(args, maps) : stage_maps<WideTile>(args, maps))) {
     return ffi::Error::Internal("gemm (large M): the CUDA driver refused a TMA tensor map");
   }
-  return launch_result(x.element_type() == ffi::BF16
-                           ? launch_type<__nv_bfloat16>(args, maps, symmetric, device, stream)
-                           : launch_type<__half>(args, maps, symmetric, device, stream));
+  const bool bf16 = x.element_type() == ffi::BF16;
+  using Bf16 = __nv_bfloat16;
+  if (narrow) {
+    return launch_result(
+        bf16 ? launch_type<Bf16, NarrowTile>(args, maps, symmetric, device, stream)
+             : launch_type<__half, NarrowTile>(args, maps, symmetric, device, stream));
+  }
+  return launch_result(bf16 ? launch_type<Bf16, WideTile>(args, maps, symmetric, device, stream)
+                            : launch_type<__half, WideTile>(args, maps, symmetric, device, stream));
 }
 
 }  // namespace
