@@ -111,9 +111,9 @@ def uses_small_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> boo
 
 
 LARGE_M_K_MULTIPLE = 64  # a pipeline stage of the wgmma kernel
-# From this many rows on, the wgmma kernel was faster than the mid-M kernel
-# on the H100 (docs/perf.md); other GPUs keep the mid-M kernel to 64 rows.
-LARGE_M_MIN_ROWS = 33
+# From this many rows on, the wgmma kernel was faster than the small-M and
+# mid-M kernels on the H100 (docs/perf.md); other GPUs keep those to 64 rows.
+LARGE_M_MIN_ROWS = 17
 
 
 def uses_large_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> bool:

@@ -33,8 +33,8 @@ def hopper(request, monkeypatch):
     jax.clear_caches()
 
 
-@pytest.mark.parametrize("x_shape", [(33, 256), (65, 256), (300, 256), (4, 100, 256),
-                                     (8192, 256)])
+@pytest.mark.parametrize("x_shape", [(17, 256), (33, 256), (65, 256), (300, 256),
+                                     (4, 100, 256), (8192, 256)])
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_large_m_uses_wgmma_kernel_on_sm90(x_shape, bits, symmetric, hopper, rng):

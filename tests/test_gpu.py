@@ -25,8 +25,8 @@ def test_dequantize_kernel_writes_every_element(bits, group_size, symmetric, dty
     assert_kernel_dequantize(qw, dtype)
 
 
-# small-M (<= 32) kernel; 33 to 64 rows the wgmma kernel on sm_90, else the mid-M kernel;
-# above 64 the wgmma kernel on sm_90, else dequantize + dot
+# small-M kernel (to 16 rows on sm_90, else to 32), then the wgmma kernel on sm_90; elsewhere
+# the mid-M kernel to 64 rows and dequantize + dot above
 @pytest.mark.parametrize("m", [8, 16, 32, 64, 65, 300])
 def test_repeated_runs_identical(m, rng):
     qw = jax_lowbit.quantize(rng.normal(size=(1024, 512)).astype(np.float32), 4, 128)
@@ -53,8 +53,9 @@ def test_small_m_kernel_writes_every_element(m, bits, group_size, symmetric, dty
     assert_kernel_matmul(x, qw)
 
 
-# 33, 128: 256 x 128 tiles (partial, full); 129, 300: 128 x 256 tiles (partial)
-@pytest.mark.parametrize("m", [33, 128, 129, 300])
+# 256 x 64 tiles at 17, 64 rows (partial, full); 256 x 128 at 65, 128; 128 x 256
+# at 129, 300 (partial)
+@pytest.mark.parametrize("m", [17, 64, 65, 128, 129, 300])
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("symmetric", [True, False])

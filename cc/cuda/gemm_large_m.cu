@@ -7,9 +7,8 @@
 //    are A: y^T = W^T x^T. A warpgroup (4 warps) owns kBlocks blocks of 64
 //    output columns; each block is the 64-row A of one m64nRk16 wgmma whose
 //    B is kRows rows of x (R = kRows). A CTA is two warpgroups, so it owns
-//    128 kBlocks columns and kRows rows of x: 256 x 128 up to 128 rows of x,
-//    else 128 x 256 (see Tile; a 128 x 64 tile at two CTAs per SM reached
-//    half the rate of 256 x 128, docs/perf.md).
+//    128 kBlocks columns and kRows rows of x: 256 x 64, 256 x 128 or
+//    128 x 256 by M (see Tile).
 //  * A registers are the m16n8k16 A fragment per warp (warp w of the group
 //    holds MMA rows 16w .. 16w + 15): lane (g, t) holds rows g and g + 8, k
 //    slots 2t, 2t + 1 (registers 0, 1) and 2t + 8, 2t + 9 (2, 3). Which
@@ -95,10 +94,11 @@ struct Tile {
 };
 // Above 128 rows, 128 columns x 256 rows (m64n256): a warpgroup dequantizes
 // half as many weights per MMA as with 256 x 128, which made the kernel 1.25x
-// faster at M = 256 to 4096 on the H100 (docs/perf.md). Up to 128 rows,
-// 256 x 128 wastes no rows.
-using NarrowTile = Tile<2, 128>;
-using WideTile = Tile<1, 256>;
+// faster at M = 256 to 4096 on the H100 (docs/perf.md). Fewer rows take
+// 256 x 128 or 256 x 64 tiles, which waste fewer MMAs on absent rows.
+using Rows64Tile = Tile<2, 64>;
+using Rows128Tile = Tile<2, 128>;
+using Rows256Tile = Tile<1, 256>;
 
 template <int kBits, typename TileShape>
 struct LargeConfig : TileShape {
@@ -400,18 +400,27 @@ cudaError_t launch_type(const GemmArgs& args, const StageMaps& maps, bool symmet
                    : launch<T, 2, false, TileShape>(args, maps, device, stream);
 }
 
-// The tensor maps of a stage's tiles (see StageMaps), for M, N, K > 0.
+// Launches the kernel of one tile shape (M, N, K > 0): the tensor maps of a
+// stage's tiles (see StageMaps), then the kernel for x's type, bits, symmetry.
 template <typename TileShape>
-bool stage_maps(const GemmArgs& args, StageMaps& maps) {
+ffi::Error launch_tile(const GemmArgs& args, bool bf16, bool symmetric, int device,
+                       cudaStream_t stream) {
   constexpr int kRows = TileShape::kRows, kColumns = TileShape::kColumns;
   const int per_word = codes_per_word(args.bits);
   const uint64_t groups = args.group_shift >= 31 ? 1 : uint64_t(args.k) >> args.group_shift;
   const uint32_t scale_rows = args.group_shift >= 6 ? 1 : kStageK / 32;
-  return tma::map_2d(&maps.x, args.x, 2, args.m, args.k, kRows, kStageK, true) &&
-         tma::map_2d(&maps.codes, args.codes, 4, args.k / per_word, args.n, kStageK / per_word,
-                     kColumns, false) &&
-         tma::map_2d(&maps.scales, args.scales, 2, groups, args.n, scale_rows, kColumns, false) &&
-         tma::map_2d(&maps.offsets, args.offsets, 2, groups, args.n, scale_rows, kColumns, false);
+  StageMaps maps;
+  if (!(tma::map_2d(&maps.x, args.x, 2, args.m, args.k, kRows, kStageK, true) &&
+        tma::map_2d(&maps.codes, args.codes, 4, args.k / per_word, args.n, kStageK / per_word,
+                    kColumns, false) &&
+        tma::map_2d(&maps.scales, args.scales, 2, groups, args.n, scale_rows, kColumns, false) &&
+        tma::map_2d(&maps.offsets, args.offsets, 2, groups, args.n, scale_rows, kColumns,
+                    false))) {
+    return ffi::Error::Internal("gemm (large M): the CUDA driver refused a TMA tensor map");
+  }
+  return launch_result(
+      bf16 ? launch_type<__nv_bfloat16, TileShape>(args, maps, symmetric, device, stream)
+           : launch_type<__half, TileShape>(args, maps, symmetric, device, stream));
 }
 
 ffi::Error gemm_large_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> codes,
@@ -437,20 +446,14 @@ ffi::Error gemm_large_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
   if (p.k == 0) {  // an empty sum: y = 0 (zero bits in bf16 and fp16)
     return launch_result(cudaMemsetAsync(p.y, 0, size_t(p.m) * p.n * 2, stream));
   }
-  const bool narrow = p.m <= NarrowTile::kRows;
-  StageMaps maps;
-  if (!(narrow ? stage_maps<NarrowTile>(args, maps) : stage_maps<WideTile>(args, maps))) {
-    return ffi::Error::Internal("gemm (large M): the CUDA driver refused a TMA tensor map");
-  }
   const bool bf16 = x.element_type() == ffi::BF16;
-  using Bf16 = __nv_bfloat16;
-  if (narrow) {
-    return launch_result(
-        bf16 ? launch_type<Bf16, NarrowTile>(args, maps, symmetric, device, stream)
-             : launch_type<__half, NarrowTile>(args, maps, symmetric, device, stream));
+  if (p.m <= Rows64Tile::kRows) {
+    return launch_tile<Rows64Tile>(args, bf16, symmetric, device, stream);
   }
-  return launch_result(bf16 ? launch_type<Bf16, WideTile>(args, maps, symmetric, device, stream)
-                            : launch_type<__half, WideTile>(args, maps, symmetric, device, stream));
+  if (p.m <= Rows128Tile::kRows) {
+    return launch_tile<Rows128Tile>(args, bf16, symmetric, device, stream);
+  }
+  return launch_tile<Rows256Tile>(args, bf16, symmetric, device, stream);
 }
 
 }  // namespace
