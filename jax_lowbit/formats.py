@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 SUPPORTED_BITS = (2, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, -1)
@@ -49,6 +50,15 @@ def group_rows(group_size: int, k: int) -> int:
     return k if group_size == -1 else group_size
 
 
+def _code_shifts(bits: int) -> jnp.ndarray:
+    """code_shift(j, bits) for every code j of a word, as a (1, P, 1) uint32 array.
+
+    Built from an iota rather than a numpy array: the lowerings trace these
+    functions under custom_partitioning, which allows no captured constants.
+    """
+    return code_shift(lax.broadcasted_iota(jnp.uint32, (1, codes_per_word(bits), 1), 1), bits)
+
+
 def symmetric_offset(bits: int) -> int:
     """Symmetric codes are stored offset-binary: w = (code - 2^(bits-1)) * scale."""
     return 1 << (bits - 1)
@@ -59,15 +69,12 @@ def pack_codes(codes: jnp.ndarray, bits: int) -> jnp.ndarray:
     k, n = codes.shape
     per_word = codes_per_word(bits)
     grouped = codes.astype(jnp.uint32).reshape(k // per_word, per_word, n)
-    shifts = np.array([code_shift(j, bits) for j in range(per_word)], np.uint32)
     # Fields never overlap, so a sum of shifted codes is their bitwise or.
-    return jnp.sum(grouped << shifts[None, :, None], axis=1, dtype=jnp.uint32)
+    return jnp.sum(grouped << _code_shifts(bits), axis=1, dtype=jnp.uint32)
 
 
 def unpack_codes(words: jnp.ndarray, bits: int) -> jnp.ndarray:
     """The unsigned codes (K, N), uint32, of packed words (K / P, N): pack_codes inverted."""
     rows, n = words.shape
-    per_word = codes_per_word(bits)
-    shifts = np.array([code_shift(j, bits) for j in range(per_word)], np.uint32)
-    fields = (words[:, None, :] >> shifts[None, :, None]) & np.uint32((1 << bits) - 1)
-    return fields.reshape(rows * per_word, n)
+    fields = (words[:, None, :] >> _code_shifts(bits)) & np.uint32((1 << bits) - 1)
+    return fields.reshape(rows * codes_per_word(bits), n)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jax_lowbit
-from jax_lowbit import QuantizedWeight, formats, lowering
+from jax_lowbit import QuantizedWeight, _extension, formats, lowering, sparsity
 from jax_lowbit.sparsity import pack_metadata
 
 import spec_reference
@@ -147,6 +147,18 @@ def _random_weight(rng, k, n, group_size, symmetric, scale_dtype=jnp.bfloat16):
     offsets = None if symmetric else jnp.asarray(rng.normal(size=(groups, n)), scale_dtype)
     return QuantizedWeight(jnp.asarray(words), scales, offsets, (k, n), 4, group_size, symmetric,
                            metadata=metadata, sparsity="2:4")
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dense_codes_follow_the_spec(symmetric, rng):
+    """The dense int4 words the CUDA lowering gives the wgmma kernel: kept codes in
+    their rows, the zero code in the pruned ones (every valid nibble occurs)."""
+    qw = _random_weight(rng, 256, 40, 64, symmetric)
+    codes, kept = spec_reference.decode_sparse_codes(np.asarray(qw.codes), np.asarray(qw.metadata))
+    words = sparsity.dense_codes(qw.codes, qw.metadata, 8)
+    assert words.shape == (256 // 8, 40) and words.dtype == jnp.uint32
+    np.testing.assert_array_equal(spec_reference.decode_codes(np.asarray(words), 4),
+                                  np.where(kept, codes, 8))
 
 
 def test_cpu_refuses_invalid_metadata(rng):
@@ -359,6 +371,21 @@ def test_gpu_small_m_kernel_on_random_words(m, symmetric, rng):
     """Every valid nibble in every position: catches a wrong metadata lane or selector."""
     qw = _random_weight(rng, 1024, 96, 64, symmetric)
     assert_kernel_matmul(jnp.asarray(rng.normal(size=(m, 1024)), jnp.bfloat16), qw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [65, 300])  # 256 x 128 and 128 x 256 tiles
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("k", [128, 4224])  # without and with a K split
+def test_gpu_symmetric_large_m_writes_every_element(m, group_size, dtype, k, rng):
+    """Symmetric 2:4 weights above 64 rows: dense codes through the wgmma kernel on sm_90."""
+    qw = _sparse(rng, k, 200, group_size, symmetric=True)
+    x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    if _extension.cuda_devices_are_hopper():
+        assert cuda_targets(x.shape, x.dtype, qw) == {"jax_lowbit_gemm_large_m"}
+    assert_kernel_matmul(x, qw)
+    assert_kernel_matmul(x, _random_weight(rng, k, 200, group_size, symmetric=True))
 
 
 @pytest.mark.gpu
