@@ -5,11 +5,12 @@ conversions around the call are left to XLA, which fuses them.
 CUDA: matmul with int4/int2 codes and bf16/fp16 x runs a fused kernel. On
 sm_90 GPUs dense weights from LARGE_M_MIN_ROWS rows on run the wgmma kernel
 (gemm_large_m.cu), and so do symmetric 2:4 sparse weights above
-SPARSE_SMALL_M_MAX_ROWS rows, as dense int4 codes. Otherwise, up to 64 rows, one handler per format picks
-the kernel by M (cc/cuda/gemm_small_m.cu: the small-M or mid-M kernel;
-gemm_sparse_small_m.cu for 2:4 sparse weights: its direct or staged kernel). Everything else is the dequantize kernel
-followed by XLA's dot. 2:4 sparse weights have targets of their own ("jax_lowbit_sparse_*"),
-which also read the metadata. The CPU and dequantize handlers compute
+SPARSE_SMALL_M_MAX_ROWS rows, as dense int4 codes. Otherwise, up to 64
+rows, one handler per format picks the kernel by M (cc/cuda/gemm_small_m.cu:
+the small-M or mid-M kernel; gemm_sparse_small_m.cu for 2:4 sparse weights:
+its direct or staged kernel). Everything else is the dequantize kernel
+followed by XLA's dot. 2:4 sparse weights have targets of their own
+("jax_lowbit_sparse_*"), which also read the metadata. The CPU and dequantize handlers compute
 ``code * scale + offset``; symmetric weights get their offset
 ``-2^(bits-1) * scale`` here.
 """

@@ -123,7 +123,10 @@ def test_zero_rows_give_zero(dtype, rng):
     y = _act_matmul(jnp.asarray(x, dtype), qw)
     assert np.all(np.isfinite(np.asarray(y.astype(jnp.float32))))
     np.testing.assert_array_equal(np.asarray(y[1:3].astype(jnp.float32)), 0.0)
-    assert np.all(np.asarray(y[3].astype(jnp.float32)) != 0)
+    # Row 3 is x[3, 7] times row 7 of the weight, which may hold exact zeros
+    # (code * scale == -offset; seed 157137151 has one).
+    nonzero = np.asarray(qw.dequantize(jnp.float32))[7] != 0
+    assert np.all(np.asarray(y[3].astype(jnp.float32))[nonzero] != 0)
     check_against_spec(y, jnp.asarray(x, dtype), qw)
 
 

@@ -75,8 +75,10 @@ def test_large_m_other_cases_dequantize_then_dot(case, hopper, rng):
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("x_shape", [(1, 256), (16, 256), (32, 256), (256,), (2, 8, 256)])
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float16])
-def test_small_m_uses_fused_kernel(bits, x_shape, x_dtype, rng):
-    assert cuda_targets(x_shape, x_dtype, _weight(rng, bits=bits)) == FUSED
+def test_small_m_uses_fused_kernel(bits, x_shape, x_dtype, hopper, rng):
+    rows = int(np.prod(x_shape[:-1]))
+    want = LARGE_M if hopper and rows >= lowering.LARGE_M_MIN_ROWS else FUSED
+    assert cuda_targets(x_shape, x_dtype, _weight(rng, bits=bits)) == want
 
 
 @pytest.mark.parametrize("case", [

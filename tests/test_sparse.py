@@ -319,7 +319,10 @@ def test_cuda_dispatch(rng):
     for rows in (1, 16, 33, lowering.SPARSE_SMALL_M_MAX_ROWS):
         assert cuda_targets((rows, 256), jnp.bfloat16, qw) == fused
         assert cuda_targets((rows, 256), jnp.float16, qw) == fused
-    assert cuda_targets((lowering.SPARSE_SMALL_M_MAX_ROWS + 1, 256), jnp.bfloat16, qw) == dequantize
+    # Above: the wgmma kernel on sm_90 for this symmetric weight (test_dispatch.py).
+    asymmetric = _cached_sparse(256, 64, symmetric=False)
+    assert cuda_targets((lowering.SPARSE_SMALL_M_MAX_ROWS + 1, 256), jnp.bfloat16,
+                        asymmetric) == dequantize
     assert cuda_targets((1, 256), jnp.float32, qw) == dequantize
     assert cuda_targets((1, 256), jnp.bfloat16, _sparse(rng, 256, 66)) == dequantize
     f32_scales = _sparse(rng, 256, 64, scale_dtype=jnp.float32)
@@ -398,7 +401,8 @@ def test_gpu_matmul(m, rng):
 
 
 @pytest.mark.gpu
-# The staged kernel with K split over a cluster (16, 33, 64 rows), dequantize + dot.
+# The staged kernel with K split over a cluster (16, 33, 64 rows), then (symmetric
+# weight) the wgmma kernel on sm_90, else dequantize + dot.
 @pytest.mark.parametrize("m", [16, 33, 64, 65])
 def test_gpu_repeated_runs_identical(m, rng):
     qw = _sparse(rng, 4096, 512)

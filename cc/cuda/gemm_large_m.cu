@@ -46,8 +46,8 @@
 //    tiles of a 4096 x 4096 weight at M = 256) split K over a cluster of up
 //    to 8 CTAs (gridDim.y): each runs its share of the stages, then the
 //    partial sums are added in rank order through distributed shared memory
-//    (cluster_split.cuh), one 64-column block per round so the f32 partials
-//    (64 KB) fit in the ring.
+//    (cluster_split.cuh), one round per block b of both warpgroups (128
+//    columns) so the f32 partials (34 to 136 KB by tile) fit in the ring.
 // Requires K % 64 == 0, N % 8 == 0, power-of-two groups of at least 32 rows
 // (or one group), M > 0; the lowering sends other shapes to dequantize + dot.
 #include <cuda_bf16.h>
@@ -148,8 +148,8 @@ __device__ __forceinline__ void add_split_partials(
   constexpr int kQuads = kWidth / 4;        // per row
   // Padded rows: a warp's float2 writes below then take two wavefronts, the least.
   constexpr int kStride = kWidth + 8;
-  static_assert(kRows * kStride * 4 <= LargeConfig<2, TileShape>::kSharedBytes,
-                "partials fit in the ring");
+  static_assert(kRows * kStride * 4 <= LargeConfig<2, TileShape>::kBarrierOffset,
+                "partials fit in the ring, below the barriers");
   constexpr int kBatch = 2;  // quads per thread whose loads are in flight together
   cg::cluster_group cluster = cg::this_cluster();
   const int splits = int(cluster.num_blocks()), rank = int(cluster.block_rank());
@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
   const int row0 = blockIdx.x % row_tiles * kRows;
   const int col0 = blockIdx.x / row_tiles * kColumns;
   // This CTA's share of the K stages (all of them without a split; the
-  // launcher gives every split at least one).
+  // launcher gives every split at least kMinStagesPerSplit).
   const int splits = int(gridDim.y);
   // (K > 0: the handler writes y = 0 itself for K = 0.)
   const int first = p.k / kStageK * int(blockIdx.y) / splits;
@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
   // Left unset: the first wgmma overwrites them (see wgmma.cuh).
   float acc[kBlocks][kRows / 2];
   // One A register set per step of a stage: the set of step s + 1 is filled
-  // while the wgmmas of steps s - 1 and s run.
+  // while the wgmmas of steps s - 2 .. s run.
   uint32_t a[kStageK / 16][kBlocks][4];
 
   // Stage j lives in slot j % kStages and completes phase j / kStages of its

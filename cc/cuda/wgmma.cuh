@@ -91,8 +91,8 @@ __device__ __forceinline__ uint64_t descriptor_sw128(uint32_t shared_address) {
   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
 
 // D (64 x N, f32) = A (64 x 16, registers, the m16n8k16 A fragment per warp)
-// x B (16 x N, shared memory, K-major) + (accumulate ? D : 0), for N = 64
-// and 128; A and B are not negated, B is not transposed. The first MMA of a tile
+// x B (16 x N, shared memory, K-major) + (accumulate ? D : 0), for N = 64,
+// 128 and 256; A and B are not negated, B is not transposed. The first MMA of a tile
 // passes accumulate = 0 instead of zeroed accumulators: ptxas serializes
 // every wgmma of a kernel whose accumulators other instructions write.
 #define JAX_LOWBIT_WGMMA_RA(TYPE)                                                            \
