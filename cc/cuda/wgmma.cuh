@@ -95,31 +95,22 @@ __device__ __forceinline__ uint64_t descriptor_sw128(uint32_t shared_address) {
 // 128 and 256; A and B are not negated, B is not transposed. The first MMA of a tile
 // passes accumulate = 0 instead of zeroed accumulators: ptxas serializes
 // every wgmma of a kernel whose accumulators other instructions write.
-#define JAX_LOWBIT_WGMMA_RA(TYPE)                                                            \
-  static __device__ __forceinline__ void mma(float (&d)[32], const uint32_t (&a)[4],         \
+// One overload: N columns, REGS accumulators (operands %0 .. REGS-1), then
+// the A registers, the B descriptor and the accumulate flag, whose operand
+// numbers (A_OPS, B_OP, P_OP) follow REGS.
+#define JAX_LOWBIT_WGMMA_MMA(TYPE, N, REGS, A_OPS, B_OP, P_OP)                               \
+  static __device__ __forceinline__ void mma(float (&d)[REGS], const uint32_t (&a)[4],       \
                                              uint64_t b, int accumulate) {                   \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {"            \
-                 JAX_LOWBIT_WGMMA_D32_STR "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"   \
-                 : JAX_LOWBIT_WGMMA_D32_OUT(d)                                               \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));     \
-  }                                                                                          \
-  static __device__ __forceinline__ void mma(float (&d)[64], const uint32_t (&a)[4],         \
-                                             uint64_t b, int accumulate) {                   \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {"           \
-                 JAX_LOWBIT_WGMMA_D64_STR "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"   \
-                 : JAX_LOWBIT_WGMMA_D64_OUT(d)                                               \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));     \
-  }                                                                                          \
-  static __device__ __forceinline__ void mma(float (&d)[128], const uint32_t (&a)[4],        \
-                                             uint64_t b, int accumulate) {                   \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"                               \
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " {"           \
-                 JAX_LOWBIT_WGMMA_D128_STR "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n" \
-                 : JAX_LOWBIT_WGMMA_D128_OUT(d)                                              \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P_OP ", 0;\n"                           \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE " {"        \
+                 JAX_LOWBIT_WGMMA_D##REGS##_STR "}, {" A_OPS "}, " B_OP ", p, 1, 1, 0;\n}\n" \
+                 : JAX_LOWBIT_WGMMA_D##REGS##_OUT(d)                                         \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));     \
   }
+#define JAX_LOWBIT_WGMMA_RA(TYPE)                                                \
+  JAX_LOWBIT_WGMMA_MMA(TYPE, 64, 32, "%32, %33, %34, %35", "%36", "%37")         \
+  JAX_LOWBIT_WGMMA_MMA(TYPE, 128, 64, "%64, %65, %66, %67", "%68", "%69")        \
+  JAX_LOWBIT_WGMMA_MMA(TYPE, 256, 128, "%128, %129, %130, %131", "%132", "%133")
 
 template <typename T>
 struct Mma;
@@ -133,6 +124,7 @@ struct Mma<__half> {
 };
 
 #undef JAX_LOWBIT_WGMMA_RA
+#undef JAX_LOWBIT_WGMMA_MMA
 #undef JAX_LOWBIT_WGMMA_D32_STR
 #undef JAX_LOWBIT_WGMMA_D32_OUT
 #undef JAX_LOWBIT_WGMMA_D64_STR
