@@ -35,8 +35,9 @@ def packed_rows(k: int, bits: int, sparsity=None) -> int:
     return rows // 2 if sparsity else rows
 
 
-def code_shift(j: int, bits: int) -> int:
-    """Bit offset of code ``j`` (row ``w*P + j``) inside its word.
+def code_shift(j, bits: int):
+    """Bit offset of code ``j`` (row ``w*P + j``) inside its word (an int, or
+    an integer array of them elementwise).
 
     Rows 2i and 2i+1 sit at offset i*bits of the low and the high 16-bit half,
     so a kernel gets a pair of codes in the two 16-bit lanes with one shift
