@@ -55,6 +55,13 @@ def _prune(w: jax.Array) -> jax.Array:
     return jnp.where(kept, quads, jnp.zeros((), w.dtype)).reshape(k, n)
 
 
+def _nibble_shifts() -> jax.Array:
+    """The shift 4 j of nibble j of a metadata entry, as a (1, 4, 1, 1) [s, j, t, n]
+    array from an iota: traced under custom_partitioning, which allows no captured
+    constants (see formats._code_shifts)."""
+    return 4 * lax.broadcasted_iota(jnp.uint16, (1, _QUADS_PER_METADATA, 1, 1), 1)
+
+
 def pack_metadata(i0: jax.Array, i1: jax.Array) -> jax.Array:
     """Kept rows (K/4, N) of every quad -> uint16 metadata (K/16, N), docs/formats.md.
 
@@ -64,18 +71,15 @@ def pack_metadata(i0: jax.Array, i1: jax.Array) -> jax.Array:
     quads, n = nibbles.shape
     # [s, j, t, n]: quad 16 s + 4 j + t.
     blocks = nibbles.reshape(quads // 16, _QUADS_PER_METADATA, 4, n)
-    shifts = np.array([4 * j for j in range(_QUADS_PER_METADATA)], np.uint16)[None, :, None, None]
     # Nibbles never overlap, so a sum of shifted nibbles is their bitwise or.
-    return jnp.sum(blocks << shifts, axis=1, dtype=jnp.uint16).reshape(quads // 4, n)
+    return jnp.sum(blocks << _nibble_shifts(), axis=1, dtype=jnp.uint16).reshape(quads // 4, n)
 
 
 def unpack_metadata(metadata: jax.Array) -> tuple[jax.Array, jax.Array]:
     """uint16 metadata (K/16, N) -> kept rows i0, i1 (K/4, N): pack_metadata inverted."""
     rows, n = metadata.shape
-    # An iota, not a numpy array: no captured constant (see formats._code_shifts).
-    shifts = 4 * lax.broadcasted_iota(jnp.uint16, (1, _QUADS_PER_METADATA, 1, 1), 1)
     # [s, j, t, n]: nibble j of entry 4 s + t is quad 16 s + 4 j + t.
-    nibbles = (metadata.reshape(rows // 4, 1, 4, n) >> shifts) & np.uint16(0xF)
+    nibbles = (metadata.reshape(rows // 4, 1, 4, n) >> _nibble_shifts()) & np.uint16(0xF)
     nibbles = nibbles.reshape(rows * 4, n)
     return nibbles & np.uint16(3), nibbles >> 2
 
