@@ -3,12 +3,15 @@
 CPU: one C++ handler quantizes x and computes the product
 (cc/cpu/act_quant_matmul.cc); x, scales and offsets cross as float32.
 CUDA: a pre-pass kernel quantizes x (cc/cuda/quantize_rows.cu), then
- - the int8 tensor-core kernel (cc/cuda/act_quant_gemm.cu) reads the packed
+ - on sm_90 GPUs, from LARGE_M_MIN_ROWS rows on with K a multiple of 128 and
+   N of 8: the wgmma s8 kernel (cc/cuda/act_quant_gemm_large_m.cu), tiles of
+   128 rows x 128 columns, every group size;
+ - else the int8 mma.sync kernel (cc/cuda/act_quant_gemm.cu) reads the packed
    codes in place: every M with groups (CTAs of 32 rows, each reading the
    whole weight, so large M re-reads it M / 32 times), and M <= 32 with one
    group;
- - one group (group_size -1) and M > 32, or K not a multiple of 32: the
-   codes are widened to an int8 (K, N) matrix and XLA's integer dot
+ - else (one group (group_size -1) and M > 32, or K not a multiple of 32):
+   the codes are widened to an int8 (K, N) matrix and XLA's integer dot
    takes the product, the one-group epilogue follows in XLA.
 """
 
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import mlir
 
-from jax_lowbit import formats, int_lowering
+from jax_lowbit import _extension, formats, int_lowering
 from jax_lowbit.act_quant_primitives import act_quant_matmul_p
 from jax_lowbit.lowering import _attributes, _require_cuda
 from jax_lowbit.primitives import WeightFormat
@@ -59,6 +62,21 @@ def _quantize_rows(rows, group_rows: int, groups: int):
         jax.ShapeDtypeStruct((groups, m), jnp.int32)))(rows, group_rows=np.int64(group_rows))
 
 
+# The wgmma kernel's stage (128 rows of K: one 128-byte row of xq) and the N
+# multiple of its TMA scale loads and paired stores.
+LARGE_M_K_MULTIPLE = 128
+LARGE_M_N_MULTIPLE = 8
+# Above the mma.sync kernel's one row tile, which reads the weight once.
+LARGE_M_MIN_ROWS = KERNEL_ROWS + 1
+
+
+def uses_large_m_kernel(fmt: WeightFormat, rows: int) -> bool:
+    """Whether a CUDA act_quant_matmul of ``rows`` rows runs the wgmma s8 kernel (sm_90)."""
+    k, n = fmt.shape
+    return (rows >= LARGE_M_MIN_ROWS and k > 0 and k % LARGE_M_K_MULTIPLE == 0
+            and n % LARGE_M_N_MULTIPLE == 0 and _extension.cuda_devices_are_hopper())
+
+
 def uses_gemm_kernel(fmt: WeightFormat, rows: int) -> bool:
     """Whether a CUDA act_quant_matmul of ``rows`` rows runs the int8 tensor-core kernel."""
     k = fmt.shape[0]
@@ -67,18 +85,20 @@ def uses_gemm_kernel(fmt: WeightFormat, rows: int) -> bool:
     return _groups(fmt) > 1 or rows <= KERNEL_ROWS
 
 
-def _gemm_kernel(rows, weight, fmt: WeightFormat):
+def _gemm_kernel(rows, weight, fmt: WeightFormat, target: str):
+    """One of the two GEMM targets (their arguments are the same)."""
     k, n = fmt.shape
     codes, scales, offsets, _ = fmt.split(weight)  # dense: no metadata
-    # The kernel loads four columns at once: pad N (a copy of the weight, only
-    # for N not a multiple of 4). Padded columns have zero scales and are dropped.
+    # The mma.sync kernel loads four columns at once: pad N (a copy of the
+    # weight, only for N not a multiple of 4; the wgmma kernel is only given N
+    # a multiple of 8). Padded columns have zero scales and are dropped.
     pad = -n % KERNEL_N_MULTIPLE
     if pad:
         codes, scales = (jnp.pad(a, [(0, 0), (0, pad)]) for a in (codes, scales))
         offsets = None if offsets is None else jnp.pad(offsets, [(0, 0), (0, pad)])
     xq, s, t = _quantize_rows(rows, formats.group_rows(fmt.group_size, k), _groups(fmt))
     # The kernel reads no offsets for symmetric weights; the slot holds the scales.
-    y = jax.ffi.ffi_call("jax_lowbit_act_quant_gemm",
+    y = jax.ffi.ffi_call(target,
                          jax.ShapeDtypeStruct((rows.shape[0], n + pad), rows.dtype))(
         xq, s, t, codes, scales, scales if offsets is None else offsets,
         symmetric=fmt.symmetric, **_attributes(fmt))
@@ -107,8 +127,10 @@ def _act_quant_matmul_cuda(x, *weight, fmt: WeightFormat):
     _require_cuda()
     k, n = fmt.shape
     rows = x.reshape(math.prod(x.shape[:-1]), k)
-    if uses_gemm_kernel(fmt, rows.shape[0]):
-        y = _gemm_kernel(rows, weight, fmt)
+    if uses_large_m_kernel(fmt, rows.shape[0]):
+        y = _gemm_kernel(rows, weight, fmt, "jax_lowbit_act_quant_gemm_large_m")
+    elif uses_gemm_kernel(fmt, rows.shape[0]):
+        y = _gemm_kernel(rows, weight, fmt, "jax_lowbit_act_quant_gemm")
     else:
         y = _one_group_integer_dot(rows, weight, fmt)
     return y.reshape(x.shape[:-1] + (n,))

@@ -4,6 +4,8 @@ import jax
 import numpy as np
 import pytest
 
+from jax_lowbit import _extension
+
 # test_sharding.py needs several devices: 8 emulated CPU devices, which leave
 # the other tests (on the default device) as they were. This must happen before
 # JAX starts its backends; if something started them first, those tests skip.
@@ -20,6 +22,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=[False, True], ids=["other GPU", "sm_90"])
+def hopper(request, monkeypatch):
+    """Lowers as if the CUDA devices were (or were not) sm_90 GPUs."""
+    monkeypatch.setattr(_extension, "cuda_devices_are_hopper", lambda: request.param)
+    jax.clear_caches()  # lowerings made under the other answer
+    yield request.param
+    jax.clear_caches()
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@ buffer, so that an element it never writes shows up, and is compared with the
 spec's weight (tests/spec_reference.py); which kernels a matmul lowers to is
 read from its export for CUDA, on any machine."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,14 +55,14 @@ def assert_kernel_matmul(x, qw):
 
 
 def _targets(exported) -> set:
-    text = exported.mlir_module()
-    return {name for name in target_names() if f"custom_call @{name}" in text}
+    called = set(re.findall(r"custom_call @(\w+)", exported.mlir_module()))
+    return called & set(target_names())
 
 
-def cuda_targets(x_shape, x_dtype, qw) -> set:
+def cuda_targets(x_shape, x_dtype, qw, act_bits=None) -> set:
     """The jax_lowbit FFI targets that matmul of an (x_shape, x_dtype) x lowers to on CUDA."""
     return _targets(jax.export.export(
-        jax.jit(jax_lowbit.matmul), platforms=["cuda"],
+        jax.jit(lambda x, w: jax_lowbit.matmul(x, w, act_bits=act_bits)), platforms=["cuda"],
         disabled_checks=jax_lowbit.export_disabled_checks())(
             jax.ShapeDtypeStruct(x_shape, x_dtype), qw))
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 import jax_lowbit
-from jax_lowbit import act_quant_lowering, formats
+from jax_lowbit import _extension, act_quant_lowering, formats
 from jax_lowbit.primitives import WeightFormat
 
 import act_quant_reference
 import spec_reference
+from kernel_checks import cuda_targets
 
 ON_CPU = jax.default_backend() == "cpu"
 
@@ -200,28 +201,31 @@ def test_export_roundtrip(rng):
 
 # --- which CUDA path runs (checked anywhere by exporting for CUDA) ------------------
 
-KERNEL, INTEGER_DOT = "int8 tensor-core kernel", "integer dot"
+KERNEL = {"jax_lowbit_quantize_rows", "jax_lowbit_act_quant_gemm"}
+LARGE_M_KERNEL = {"jax_lowbit_quantize_rows", "jax_lowbit_act_quant_gemm_large_m"}
+INTEGER_DOT = {"jax_lowbit_quantize_rows"}
 
 
 @pytest.mark.skipif(not jax_lowbit.build_info()["cuda"], reason="built without CUDA")
-@pytest.mark.parametrize("m, k, n, bits, group_size, path", [
-    (1, 256, 64, 4, 128, KERNEL),
-    (32, 256, 64, 8, -1, KERNEL),
-    (33, 256, 64, 8, -1, INTEGER_DOT),
-    (300, 256, 64, 4, 32, KERNEL),
-    (4, 100, 64, 8, -1, INTEGER_DOT),  # K not a multiple of 32
-    (4, 256, 66, 4, 64, KERNEL),  # N padded to a multiple of 4
+@pytest.mark.parametrize("m, k, n, bits, group_size, elsewhere, on_sm90", [
+    (1, 256, 64, 4, 128, KERNEL, KERNEL),
+    (32, 256, 64, 8, -1, KERNEL, KERNEL),
+    (33, 256, 64, 8, -1, INTEGER_DOT, LARGE_M_KERNEL),
+    (300, 256, 64, 4, 32, KERNEL, LARGE_M_KERNEL),
+    (300, 320, 64, 4, 32, KERNEL, KERNEL),  # K not a multiple of 128
+    (300, 256, 68, 4, 32, KERNEL, KERNEL),  # N not a multiple of 8
+    (4, 100, 64, 8, -1, INTEGER_DOT, INTEGER_DOT),  # K not a multiple of 32
+    (40, 100, 64, 8, -1, INTEGER_DOT, INTEGER_DOT),
+    (4, 256, 66, 4, 64, KERNEL, KERNEL),  # N padded to a multiple of 4
 ])
-def test_cuda_dispatch(m, k, n, bits, group_size, path, rng):
+def test_cuda_dispatch(m, k, n, bits, group_size, elsewhere, on_sm90, hopper, rng):
     qw = _weight(rng, k, n, bits, group_size)
-    assert act_quant_lowering.uses_gemm_kernel(
-        WeightFormat((k, n), bits, group_size, True), m) == (path == KERNEL)
-    exported = jax.export.export(jax.jit(_act_matmul), platforms=["cuda"],
-                                 disabled_checks=jax_lowbit.export_disabled_checks())(
-        jax.ShapeDtypeStruct((m, k), jnp.bfloat16), qw)
-    text = exported.mlir_module()
-    assert "custom_call @jax_lowbit_quantize_rows" in text
-    assert ("custom_call @jax_lowbit_act_quant_gemm" in text) == (path == KERNEL)
+    fmt = WeightFormat((k, n), bits, group_size, True)
+    want = on_sm90 if hopper else elsewhere
+    assert act_quant_lowering.uses_large_m_kernel(fmt, m) == (want == LARGE_M_KERNEL)
+    if want != LARGE_M_KERNEL:
+        assert act_quant_lowering.uses_gemm_kernel(fmt, m) == (want == KERNEL)
+    assert cuda_targets((m, k), jnp.bfloat16, qw, act_bits=8) == want
 
 
 # --- bad input -------------------------------------------------------------------
@@ -292,6 +296,24 @@ def test_gpu_writes_every_element_and_matches_spec(m, bits, group_size, symmetri
     # _poisoned asserts every element was written; its values (exact in dtype) are checked.
     y = _poisoned(_act_matmul, (m, n), dtype, x, qw)
     check_against_spec(jnp.asarray(y, jnp.float32).astype(dtype), x, qw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, k, n", [
+    (1000, 1024, 2048),  # 128 tiles: no K split
+    (129, 4352, 200),  # 4 tiles, K split over 8 CTAs; a row tile of one row
+])
+@pytest.mark.parametrize("bits, group_size, symmetric", [
+    (4, 128, True), (4, 32, False), (8, -1, True), (8, -1, False), (8, 256, True)])
+def test_gpu_large_m_kernel(m, k, n, bits, group_size, symmetric, rng):
+    from kernel_checks import _poisoned
+
+    qw = _weight(rng, k, n, bits, group_size, symmetric)
+    x = _x(rng, (m, k), jnp.bfloat16)
+    if _extension.cuda_devices_are_hopper():  # the wgmma kernel, not a fallback
+        assert cuda_targets(x.shape, x.dtype, qw, act_bits=8) == LARGE_M_KERNEL
+    y = _poisoned(_act_matmul, (m, n), x.dtype, x, qw)
+    check_against_spec(jnp.asarray(y, jnp.float32).astype(x.dtype), x, qw)
 
 
 @pytest.mark.gpu

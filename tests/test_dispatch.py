@@ -24,15 +24,6 @@ LARGE_M = {"jax_lowbit_gemm_large_m"}
 DEQUANTIZE_THEN_DOT = {"jax_lowbit_dequantize"}
 
 
-@pytest.fixture(params=[False, True], ids=["other GPU", "sm_90"])
-def hopper(request, monkeypatch):
-    """Lowers as if the CUDA devices were (or were not) sm_90 GPUs."""
-    monkeypatch.setattr(_extension, "cuda_devices_are_hopper", lambda: request.param)
-    jax.clear_caches()  # lowerings made under the other answer
-    yield request.param
-    jax.clear_caches()
-
-
 @pytest.mark.parametrize("x_shape", [(17, 256), (33, 256), (65, 256), (300, 256),
                                      (4, 100, 256), (8192, 256)])
 @pytest.mark.parametrize("bits", [2, 4])

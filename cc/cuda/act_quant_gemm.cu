@@ -34,6 +34,7 @@
 #include <type_traits>
 
 #include "act_quant.h"
+#include "cuda/act_quant_target.h"
 #include "cuda/convert.cuh"
 #include "cuda/handlers.h"
 #include "cuda/launch_status.h"
@@ -50,21 +51,6 @@ constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
 constexpr int kColumns = 32;   // output columns per CTA
 constexpr int kStepRows = 32;  // K rows of one m16n8k32 step
-
-enum class OutType { kF32, kBF16, kF16 };
-
-struct GemmArgs {
-  const int8_t* xq;           // (M, K)
-  const float* x_scales;      // (M,)
-  const int32_t* group_sums;  // (G, M)
-  const uint32_t* codes;
-  const void* scales;
-  const void* offsets;
-  void* y;  // (M, N)
-  int m, k, n, groups;
-  int group_steps;  // steps per group, a power of two (with more than one group)
-  OutType out_type;
-};
 
 // Four scales (or offsets) of a lane's four columns, kept as loaded (8 or 16
 // bytes) until the group's term needs them.
@@ -87,14 +73,6 @@ struct Quad {
     }
   }
 };
-
-__device__ __forceinline__ void store(void* y, int64_t i, float v, OutType type) {
-  switch (type) {
-    case OutType::kF32: static_cast<float*>(y)[i] = v; break;
-    case OutType::kBF16: static_cast<__nv_bfloat16*>(y)[i] = from_float<__nv_bfloat16>(v); break;
-    case OutType::kF16: static_cast<__half*>(y)[i] = from_float<__half>(v); break;
-  }
-}
 
 // Steps whose loads are in flight together: four 16-byte code loads per lane
 // with one M tile, fewer as more tiles' accumulators take the registers. One
@@ -119,7 +97,7 @@ __device__ __forceinline__ void for_each_register(F&& f) {
 
 template <typename S, int kBits, bool kSymmetric, int kMTiles>
 __global__ void __launch_bounds__(kThreads, 1)
-    act_quant_gemm_kernel(const GemmArgs args) {
+    act_quant_gemm_kernel(const ActQuantArgs args) {
   using Codes = SignedCodes<kBits>;
   constexpr int kSteps = kUnroll<kBits, kMTiles>;
   const S* scales = static_cast<const S*>(args.scales);
@@ -244,14 +222,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) acc = add_rn(acc, __uint_as_float(partial[w][r][c]));
       }
-      store(args.y, int64_t{m} * args.n + col, mul_rn(acc, args.x_scales[m]), args.out_type);
+      store_output(args.y, int64_t{m} * args.n + col, mul_rn(acc, args.x_scales[m]),
+                   args.out_type);
     }
     __syncthreads();
   }
 }
 
 template <typename S, int kBits, bool kSymmetric, int kMTiles>
-cudaError_t launch_gemm(const GemmArgs& args, cudaStream_t stream) {
+cudaError_t launch_gemm(const ActQuantArgs& args, cudaStream_t stream) {
   const dim3 grid((args.n + kColumns - 1) / kColumns, (args.m + 8 * kMTiles - 1) / (8 * kMTiles));
   act_quant_gemm_kernel<S, kBits, kSymmetric, kMTiles><<<grid, kThreads, 0, stream>>>(args);
   return cudaGetLastError();
@@ -259,25 +238,21 @@ cudaError_t launch_gemm(const GemmArgs& args, cudaStream_t stream) {
 
 // More rows than kMaxMTiles tiles hold are tiled over blockIdx.y.
 template <typename S, int kBits, bool kSymmetric>
-cudaError_t dispatch_tiles(const GemmArgs& args, cudaStream_t stream) {
+cudaError_t dispatch_tiles(const ActQuantArgs& args, cudaStream_t stream) {
   return with_m_tiles(args.m, [&](auto tiles) {
     return launch_gemm<S, kBits, kSymmetric, decltype(tiles)::value>(args, stream);
   });
 }
 
 template <typename S>
-cudaError_t dispatch_format(const GemmArgs& args, int bits, bool symmetric,
+cudaError_t dispatch_format(const ActQuantArgs& args, bool symmetric,
                             cudaStream_t stream) {
-  if (bits == 8) {
+  if (args.bits == 8) {
     return symmetric ? dispatch_tiles<S, 8, true>(args, stream)
                      : dispatch_tiles<S, 8, false>(args, stream);
   }
   return symmetric ? dispatch_tiles<S, 4, true>(args, stream)
                    : dispatch_tiles<S, 4, false>(args, stream);
-}
-
-bool float_type(ffi::DataType type) {
-  return type == ffi::F32 || type == ffi::BF16 || type == ffi::F16;
 }
 
 ffi::Error act_quant_gemm_impl(cudaStream_t stream, ffi::Buffer<ffi::S8> xq,
@@ -286,65 +261,22 @@ ffi::Error act_quant_gemm_impl(cudaStream_t stream, ffi::Buffer<ffi::S8> xq,
                                ffi::AnyBuffer scales, ffi::AnyBuffer offsets,
                                ffi::Result<ffi::AnyBuffer> y, int32_t bits, int64_t group_size,
                                bool symmetric) {
-  WeightShape w;
-  ffi::Error shape_error = act_quant_weight_shape(codes.dimensions(), scales.dimensions(),
-                                                  offsets.dimensions(), bits, group_size, w);
-  if (shape_error.failure()) return shape_error;
-  const auto scale_type = scales.element_type();
-  if (!float_type(scale_type) || offsets.element_type() != scale_type ||
-      !float_type(y->element_type())) {
-    return ffi::Error::InvalidArgument(
-        "act_quant_gemm: scales and offsets must share f32, bf16 or f16; y must be one of them");
-  }
-  const auto xq_dims = xq.dimensions();
-  const auto y_dims = y->dimensions();
-  if (xq_dims.size() != 2) return ffi::Error::InvalidArgument("act_quant_gemm: xq must be 2-D");
-  const int64_t m_rows = xq_dims[0];
-  if (xq_dims[1] != w.k || x_scales.dimensions().size() != 1 ||
-      x_scales.dimensions()[0] != m_rows || group_sums.dimensions().size() != 2 ||
-      group_sums.dimensions()[0] != w.groups || group_sums.dimensions()[1] != m_rows ||
-      y_dims.size() != 2 || y_dims[0] != m_rows || y_dims[1] != w.n) {
-    return ffi::Error::InvalidArgument(
-        "act_quant_gemm: needs xq (M, K), x_scales (M,), group_sums (G, M) and y (M, N)");
-  }
-  const int64_t group_steps = w.group_rows / kStepRows;
-  if (w.k % kStepRows != 0 || w.n % 4 != 0 || w.k > INT32_MAX / 2 || w.n > INT32_MAX / 2 ||
-      m_rows > int64_t{65535} * 8 * kMaxMTiles ||
-      (w.groups > 1 && (w.group_rows % kStepRows != 0 || (group_steps & (group_steps - 1))))) {
-    return ffi::Error::InvalidArgument(
-        "act_quant_gemm: needs K % 32 == 0, N % 4 == 0, M < 2^21 and groups of 32 * 2^i rows");
-  }
-  if (m_rows == 0 || w.n == 0) return ffi::Error::Success();
-  const OutType out_type = y->element_type() == ffi::F32    ? OutType::kF32
-                           : y->element_type() == ffi::BF16 ? OutType::kBF16
-                                                            : OutType::kF16;
-  const GemmArgs args{xq.typed_data(),     x_scales.typed_data(), group_sums.typed_data(),
-                      codes.typed_data(),  scales.untyped_data(), offsets.untyped_data(),
-                      y->untyped_data(),   static_cast<int>(m_rows),
-                      static_cast<int>(w.k), static_cast<int>(w.n),
-                      static_cast<int>(w.groups), static_cast<int>(group_steps), out_type};
+  ActQuantArgs args;
+  ffi::Error error =
+      act_quant_problem("act_quant_gemm", xq, x_scales, group_sums, codes, scales, offsets, y,
+                        bits, group_size, kStepRows, 4, int64_t{65535} * 8 * kMaxMTiles, args);
+  if (error.failure()) return error;
+  if (args.m == 0 || args.n == 0) return ffi::Error::Success();
   return launch_status(
-      scale_type == ffi::F32    ? dispatch_format<float>(args, w.bits, symmetric, stream)
-      : scale_type == ffi::BF16 ? dispatch_format<__nv_bfloat16>(args, w.bits, symmetric, stream)
-                                : dispatch_format<__half>(args, w.bits, symmetric, stream),
+      args.scale_type == FloatType::kF32    ? dispatch_format<float>(args, symmetric, stream)
+      : args.scale_type == FloatType::kBF16 ? dispatch_format<__nv_bfloat16>(args, symmetric, stream)
+                                            : dispatch_format<__half>(args, symmetric, stream),
       "act_quant_gemm");
 }
 
 }  // namespace
 }  // namespace jax_lowbit
 
-// Symmetric weights pass their scales in the offsets slot; it is not read.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitActQuantGemmCuda, jax_lowbit::act_quant_gemm_impl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S8>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Attr<int32_t>("bits")
-                                  .Attr<int64_t>("group_size")
-                                  .Attr<bool>("symmetric"),
+                              jax_lowbit::act_quant_binding(),
                               {xla::ffi::Traits::kCmdBufferCompatible});

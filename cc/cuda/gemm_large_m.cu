@@ -46,7 +46,7 @@
 //    tiles of a 4096 x 4096 weight at M = 256) split K over a cluster of up
 //    to 8 CTAs (gridDim.y): each runs its share of the stages, then the
 //    partial sums are added in rank order through distributed shared memory
-//    (cluster_split.cuh), one round per block b of both warpgroups (128
+//    (wgmma_split.cuh), one round per block b of both warpgroups (128
 //    columns) so the f32 partials (34 to 136 KB by tile) fit in the ring.
 // Requires K % 64 == 0, N % 8 == 0, power-of-two groups of at least 32 rows
 // (or one group), M > 0; the lowering sends other shapes to dequantize + dot.
@@ -66,6 +66,7 @@
 #include "cuda/staged_gemm.cuh"
 #include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
+#include "cuda/wgmma_split.cuh"
 #include "format.h"
 #include "weight_shape.h"
 
@@ -128,93 +129,6 @@ struct LargeConfig : TileShape {
 struct StageMaps {
   CUtensorMap x, codes, scales, offsets;
 };
-
-// The epilogue of a K split. For each column block b, every CTA of the
-// cluster writes its f32 partial sums (block b of both warpgroups: kRows x
-// 128) over its ring; then each CTA adds an equal share of them across the
-// cluster, in rank order (so the result does not depend on which CTA adds),
-// and stores y. A distributed shared memory load takes a few hundred cycles:
-// a thread adds four columns at a time and issues the loads of two such
-// quads from every CTA before it adds (one float at a time, add_across_cluster
-// made this epilogue cost about 20 us a CTA, docs/perf.md).
-template <typename T, typename TileShape>
-__device__ __forceinline__ void add_split_partials(
-    const float (&acc)[TileShape::kBlocks][TileShape::kRows / 2], char* smem,
-    const StagedParams<T>& p, int row0, int col0, int group, int warp, int g, int t) {
-  constexpr int kBlocks = TileShape::kBlocks, kRows = TileShape::kRows;
-  namespace cg = cooperative_groups;
-  using Pair = typename Activation<T>::Pair;
-  constexpr int kWidth = 64 * kWarpGroups;  // columns of a round
-  constexpr int kQuads = kWidth / 4;        // per row
-  // Padded rows: a warp's float2 writes below then take two wavefronts, the least.
-  constexpr int kStride = kWidth + 8;
-  static_assert(kRows * kStride * 4 <= LargeConfig<2, TileShape>::kBarrierOffset,
-                "partials fit in the ring, below the barriers");
-  constexpr int kBatch = 2;  // quads per thread whose loads are in flight together
-  cg::cluster_group cluster = cg::this_cluster();
-  const int splits = int(cluster.num_blocks()), rank = int(cluster.block_rank());
-  // Only the rows below M; this CTA adds quads [first, last) of them.
-  const int quads = min(kRows, p.m - row0) * kQuads;
-  const int first = quads * rank / splits, last = quads * (rank + 1) / splits;
-  float* partial = reinterpret_cast<float*>(smem);
-  __syncthreads();  // no warp still reads its last stage (no loads are in flight)
-  // Local column of MMA rows g, g + 8 (see `column` in the kernel).
-  const int local = group * 64 + 16 * warp + 2 * g;
-#pragma unroll
-  for (int b = 0; b < kBlocks; ++b) {
-#pragma unroll
-    for (int i = 0; i < kRows / 2; i += 4) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int m = 8 * (i / 4) + 2 * t + h;
-        *reinterpret_cast<float2*>(partial + m * kStride + local) =
-            make_float2(acc[b][i + h], acc[b][i + 2 + h]);
-      }
-    }
-    cluster.sync();  // every CTA's partials are written
-    for (int q0 = first + int(threadIdx.x); q0 < last; q0 += kBatch * kLargeThreads) {
-      float4 part[kBatch][kMaxSplits];
-#pragma unroll
-      for (int e = 0; e < kBatch; ++e) {
-        const int q = q0 + e * kLargeThreads;
-        const int at = q / kQuads * kStride + q % kQuads * 4;
-#pragma unroll
-        for (int r = 0; r < kMaxSplits; ++r) {
-          if (q < last && r < splits) {
-            part[e][r] = *reinterpret_cast<const float4*>(cluster.map_shared_rank(partial, r) + at);
-          }
-        }
-      }
-#pragma unroll
-      for (int e = 0; e < kBatch; ++e) {
-        const int q = q0 + e * kLargeThreads;
-        if (q >= last) continue;
-        float4 sum = part[e][0];
-#pragma unroll
-        for (int r = 1; r < kMaxSplits; ++r) {
-          if (r < splits) {
-            sum.x += part[e][r].x;
-            sum.y += part[e][r].y;
-            sum.z += part[e][r].z;
-            sum.w += part[e][r].w;
-          }
-        }
-        const int m = row0 + q / kQuads, c = q % kQuads * 4;
-        const int col = col0 + (c / 64 * kBlocks + b) * 64 + c % 64;
-        if (col >= p.n) continue;  // N % 8 == 0: all four columns or none
-        Pair lo, hi;
-        lo.x = from_float<T>(sum.x);
-        lo.y = from_float<T>(sum.y);
-        hi.x = from_float<T>(sum.z);
-        hi.y = from_float<T>(sum.w);
-        Pair* out = reinterpret_cast<Pair*>(p.y + int64_t(m) * p.n + col);
-        out[0] = lo;
-        out[1] = hi;
-      }
-    }
-    cluster.sync();  // every CTA is done reading before the next round's writes
-  }
-}
 
 template <typename T, int kBits, bool kSymmetric, typename TileShape>
 __global__ void __launch_bounds__(kLargeThreads, 1)
@@ -342,7 +256,16 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
   wgmma::wait<0>();
 
   if (splits > 1) {
-    add_split_partials<T, TileShape>(acc, smem, p, row0, col0, group, warp, g, t);
+    static_assert(split_bytes(kRows) <= L::kBarrierOffset, "partials fit in the ring");
+    add_split_partials<kLargeThreads>(
+        acc, smem, min(kRows, p.m - row0), group * 64 + 16 * warp + 2 * g,
+        [&](int b, int row, int c, const float(&sum)[4]) {
+          const int col = col0 + (c / 64 * kBlocks + b) * 64 + c % 64;
+          if (col >= p.n) return;  // N % 8 == 0: all four columns or none
+          Pair* out = reinterpret_cast<Pair*>(p.y + int64_t(row0 + row) * p.n + col);
+          out[0] = Pair{from_float<T>(sum[0]), from_float<T>(sum[1])};
+          out[1] = Pair{from_float<T>(sum[2]), from_float<T>(sum[3])};
+        });
     return;
   }
   // Accumulators 4q + 2h and 4q + 2h + 1 of block b: MMA rows g (column

@@ -41,7 +41,7 @@ inline EncodeTiled encode_tiled() {
   return encode;
 }
 
-// The map of a row-major (rows x columns) array of 2- or 4-byte elements
+// The map of a row-major (rows x columns) array of 1-, 2- or 4-byte elements
 // whose tiles are box_rows x box_columns; `swizzle_128` stores each tile row
 // (then exactly 128 bytes) in the 128-byte swizzle layout that wgmma reads.
 // False if the driver refuses (the caller reports it).
@@ -54,8 +54,9 @@ inline bool map_2d(CUtensorMap* map, const void* base, int element_bytes, uint64
   const cuuint32_t box[2] = {box_columns, box_rows};
   const cuuint32_t element_strides[2] = {1, 1};
   return encode(map,
-                element_bytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_UINT32
-                                   : CU_TENSOR_MAP_DATA_TYPE_UINT16,
+                element_bytes == 4   ? CU_TENSOR_MAP_DATA_TYPE_UINT32
+                : element_bytes == 2 ? CU_TENSOR_MAP_DATA_TYPE_UINT16
+                                     : CU_TENSOR_MAP_DATA_TYPE_UINT8,
                 2, const_cast<void*>(base), dims, row_stride, box, element_strides,
                 CU_TENSOR_MAP_INTERLEAVE_NONE,
                 swizzle_128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,

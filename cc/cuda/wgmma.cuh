@@ -1,6 +1,7 @@
-// Hopper warpgroup MMA (wgmma, sm_90a) as the large-M GEMM uses it: A from
-// registers (dequantized weights), B from shared memory through a matrix
-// descriptor, f32 accumulators. PTX ISA 9.7.15 describes the instructions.
+// Hopper warpgroup MMA (wgmma, sm_90a) as the large-M GEMMs use it: A from
+// registers (dequantized or widened weights), B from shared memory through a
+// matrix descriptor, f32 or s32 accumulators. PTX ISA 9.7.15 describes the
+// instructions.
 #ifndef JAX_LOWBIT_CUDA_WGMMA_CUH_
 #define JAX_LOWBIT_CUDA_WGMMA_CUH_
 
@@ -25,7 +26,7 @@ __device__ __forceinline__ void wait() {
 }
 
 // Matrix descriptor of a K-major operand in the 128-byte swizzle layout:
-// rows of 64 bf16/fp16 (128 bytes) stored one after the other, 16-byte chunk
+// rows of 128 bytes (64 bf16/fp16 or 128 s8) stored one after the other, 16-byte chunk
 // c of row r at chunk c ^ (r % 8), so that the 8 rows of a core-matrix column
 // fall in 8 different bank groups. Groups of 8 rows are 1024 bytes apart (the
 // "stride dimension byte offset"); the "leading dimension" field is unused
@@ -41,26 +42,26 @@ __device__ __forceinline__ uint64_t descriptor_sw128(uint32_t shared_address) {
 #define JAX_LOWBIT_WGMMA_D32_STR \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-#define JAX_LOWBIT_WGMMA_D32_OUT(d) \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define JAX_LOWBIT_WGMMA_D32_OUT(d, C) \
+  C(d[0]), C(d[1]), C(d[2]), C(d[3]), C(d[4]), C(d[5]), C(d[6]), C(d[7]), \
+  C(d[8]), C(d[9]), C(d[10]), C(d[11]), C(d[12]), C(d[13]), C(d[14]), C(d[15]), \
+  C(d[16]), C(d[17]), C(d[18]), C(d[19]), C(d[20]), C(d[21]), C(d[22]), C(d[23]), \
+  C(d[24]), C(d[25]), C(d[26]), C(d[27]), C(d[28]), C(d[29]), C(d[30]), C(d[31])
 // The 64 accumulator operands of m64n128: %0 .. %63 in the string.
 #define JAX_LOWBIT_WGMMA_D64_STR \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-#define JAX_LOWBIT_WGMMA_D64_OUT(d) \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define JAX_LOWBIT_WGMMA_D64_OUT(d, C) \
+  C(d[0]), C(d[1]), C(d[2]), C(d[3]), C(d[4]), C(d[5]), C(d[6]), C(d[7]), \
+  C(d[8]), C(d[9]), C(d[10]), C(d[11]), C(d[12]), C(d[13]), C(d[14]), C(d[15]), \
+  C(d[16]), C(d[17]), C(d[18]), C(d[19]), C(d[20]), C(d[21]), C(d[22]), C(d[23]), \
+  C(d[24]), C(d[25]), C(d[26]), C(d[27]), C(d[28]), C(d[29]), C(d[30]), C(d[31]), \
+  C(d[32]), C(d[33]), C(d[34]), C(d[35]), C(d[36]), C(d[37]), C(d[38]), C(d[39]), \
+  C(d[40]), C(d[41]), C(d[42]), C(d[43]), C(d[44]), C(d[45]), C(d[46]), C(d[47]), \
+  C(d[48]), C(d[49]), C(d[50]), C(d[51]), C(d[52]), C(d[53]), C(d[54]), C(d[55]), \
+  C(d[56]), C(d[57]), C(d[58]), C(d[59]), C(d[60]), C(d[61]), C(d[62]), C(d[63])
 
 // The 128 accumulator operands of m64n256: %0 .. %127 in the string.
 #define JAX_LOWBIT_WGMMA_D128_STR \
@@ -72,55 +73,67 @@ __device__ __forceinline__ uint64_t descriptor_sw128(uint32_t shared_address) {
   "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
   "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
   "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-#define JAX_LOWBIT_WGMMA_D128_OUT(d) \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
-  "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
-  "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
-  "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
-  "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
-  "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
-  "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
-  "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
-  "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+#define JAX_LOWBIT_WGMMA_D128_OUT(d, C) \
+  C(d[0]), C(d[1]), C(d[2]), C(d[3]), C(d[4]), C(d[5]), C(d[6]), C(d[7]), \
+  C(d[8]), C(d[9]), C(d[10]), C(d[11]), C(d[12]), C(d[13]), C(d[14]), C(d[15]), \
+  C(d[16]), C(d[17]), C(d[18]), C(d[19]), C(d[20]), C(d[21]), C(d[22]), C(d[23]), \
+  C(d[24]), C(d[25]), C(d[26]), C(d[27]), C(d[28]), C(d[29]), C(d[30]), C(d[31]), \
+  C(d[32]), C(d[33]), C(d[34]), C(d[35]), C(d[36]), C(d[37]), C(d[38]), C(d[39]), \
+  C(d[40]), C(d[41]), C(d[42]), C(d[43]), C(d[44]), C(d[45]), C(d[46]), C(d[47]), \
+  C(d[48]), C(d[49]), C(d[50]), C(d[51]), C(d[52]), C(d[53]), C(d[54]), C(d[55]), \
+  C(d[56]), C(d[57]), C(d[58]), C(d[59]), C(d[60]), C(d[61]), C(d[62]), C(d[63]), \
+  C(d[64]), C(d[65]), C(d[66]), C(d[67]), C(d[68]), C(d[69]), C(d[70]), C(d[71]), \
+  C(d[72]), C(d[73]), C(d[74]), C(d[75]), C(d[76]), C(d[77]), C(d[78]), C(d[79]), \
+  C(d[80]), C(d[81]), C(d[82]), C(d[83]), C(d[84]), C(d[85]), C(d[86]), C(d[87]), \
+  C(d[88]), C(d[89]), C(d[90]), C(d[91]), C(d[92]), C(d[93]), C(d[94]), C(d[95]), \
+  C(d[96]), C(d[97]), C(d[98]), C(d[99]), C(d[100]), C(d[101]), C(d[102]), C(d[103]), \
+  C(d[104]), C(d[105]), C(d[106]), C(d[107]), C(d[108]), C(d[109]), C(d[110]), C(d[111]), \
+  C(d[112]), C(d[113]), C(d[114]), C(d[115]), C(d[116]), C(d[117]), C(d[118]), C(d[119]), \
+  C(d[120]), C(d[121]), C(d[122]), C(d[123]), C(d[124]), C(d[125]), C(d[126]), C(d[127])
 
-// D (64 x N, f32) = A (64 x 16, registers, the m16n8k16 A fragment per warp)
-// x B (16 x N, shared memory, K-major) + (accumulate ? D : 0), for N = 64,
-// 128 and 256; A and B are not negated, B is not transposed. The first MMA of a tile
-// passes accumulate = 0 instead of zeroed accumulators: ptxas serializes
-// every wgmma of a kernel whose accumulators other instructions write.
-// One overload: N columns, REGS accumulators (operands %0 .. REGS-1), then
-// the A registers, the B descriptor and the accumulate flag, whose operand
-// numbers (A_OPS, B_OP, P_OP) follow REGS.
-#define JAX_LOWBIT_WGMMA_MMA(TYPE, N, REGS, A_OPS, B_OP, P_OP)                               \
-  static __device__ __forceinline__ void mma(float (&d)[REGS], const uint32_t (&a)[4],       \
+// D (64 x N) = A (64 x K, registers) x B (K x N, shared memory, K-major) +
+// (accumulate ? D : 0), for N = 64, 128 and 256: bf16/fp16 operands with K =
+// 16 and f32 D (A is the m16n8k16 A fragment per warp), or s8 operands with
+// K = 32 and s32 D (the m16n8k32 s8 A fragment per warp). A and B are not
+// negated, B is not transposed. The first MMA of a tile (of a group, for the
+// s8 kernel) passes accumulate = 0 instead of zeroed accumulators: ptxas
+// serializes every wgmma of a kernel whose accumulators other instructions
+// write. One overload: N columns, REGS accumulators (operands %0 .. REGS-1),
+// then the A registers, the B descriptor and the accumulate flag, whose
+// operand numbers (A_OPS, B_OP, P_OP) follow REGS. SHAPE_TYPES ends the
+// instruction name (k, D type, A and B types), SCALES follows the flag
+// (bf16/fp16 take A and B scales and transposes; integer types do not), and
+// C is the accumulators' register constraint.
+#define JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, SHAPE_TYPES, SCALES, N, REGS, A_OPS, B_OP, P_OP)      \
+  static __device__ __forceinline__ void mma(D_TYPE (&d)[REGS], const uint32_t (&a)[4],      \
                                              uint64_t b, int accumulate) {                   \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P_OP ", 0;\n"                           \
-                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE " {"        \
-                 JAX_LOWBIT_WGMMA_D##REGS##_STR "}, {" A_OPS "}, " B_OP ", p, 1, 1, 0;\n}\n" \
-                 : JAX_LOWBIT_WGMMA_D##REGS##_OUT(d)                                         \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P_OP ", 0;\n"                          \
+                 "wgmma.mma_async.sync.aligned.m64n" #N SHAPE_TYPES " {"                     \
+                 JAX_LOWBIT_WGMMA_D##REGS##_STR "}, {" A_OPS "}, " B_OP ", p" SCALES ";\n}\n" \
+                 : JAX_LOWBIT_WGMMA_D##REGS##_OUT(d, C)                                      \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));     \
   }
-#define JAX_LOWBIT_WGMMA_RA(TYPE)                                                \
-  JAX_LOWBIT_WGMMA_MMA(TYPE, 64, 32, "%32, %33, %34, %35", "%36", "%37")         \
-  JAX_LOWBIT_WGMMA_MMA(TYPE, 128, 64, "%64, %65, %66, %67", "%68", "%69")        \
-  JAX_LOWBIT_WGMMA_MMA(TYPE, 256, 128, "%128, %129, %130, %131", "%132", "%133")
+#define JAX_LOWBIT_WGMMA_RA(D_TYPE, C, SHAPE_TYPES, SCALES)                                   \
+  JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, SHAPE_TYPES, SCALES, 64, 32, "%32, %33, %34, %35", "%36",   \
+                       "%37")                                                                 \
+  JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, SHAPE_TYPES, SCALES, 128, 64, "%64, %65, %66, %67", "%68",  \
+                       "%69")                                                                 \
+  JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, SHAPE_TYPES, SCALES, 256, 128, "%128, %129, %130, %131",    \
+                       "%132", "%133")
 
 template <typename T>
 struct Mma;
 template <>
 struct Mma<__nv_bfloat16> {
-  JAX_LOWBIT_WGMMA_RA("bf16")
+  JAX_LOWBIT_WGMMA_RA(float, "+f", "k16.f32.bf16.bf16", ", 1, 1, 0")
 };
 template <>
 struct Mma<__half> {
-  JAX_LOWBIT_WGMMA_RA("f16")
+  JAX_LOWBIT_WGMMA_RA(float, "+f", "k16.f32.f16.f16", ", 1, 1, 0")
+};
+template <>
+struct Mma<int8_t> {
+  JAX_LOWBIT_WGMMA_RA(int32_t, "+r", "k32.s32.s8.s8", "")
 };
 
 #undef JAX_LOWBIT_WGMMA_RA

@@ -1,0 +1,389 @@
+// W8A8 / W4A8 for large M on Hopper: the arithmetic of docs/formats.md
+// ("Quantized activations") on int8 warpgroup MMAs (wgmma s8, sm_90a), with
+// xq, s and t from the quantize_rows pre-pass and the weight's packed codes
+// read in place. The mma.sync kernel (act_quant_gemm.cu) streams the whole
+// weight once per 32 rows of x; this one tiles M like gemm_large_m.cu.
+//  * As in gemm_large_m.cu the weights are A (y^T = W^T xq^T): a CTA is two
+//    warpgroups, each owning 64 output columns (one m64 block) for kRows =
+//    128 rows of x, the wgmma N; the CTA's tile is 128 columns x 128 rows.
+//    MMA rows g and g + 8 of warp w are the adjacent columns 16w + 2g and
+//    16w + 2g + 1 of the warpgroup's block: one 8-byte shared load gets both
+//    columns' code words.
+//  * A registers are the m16n8k32 s8 A fragment per warp: lane (g, t) holds
+//    k slots 4t .. 4t + 3 (registers 0, 1: rows g, g + 8) and 16 + 4t .. + 3
+//    (registers 2, 3). B is xq in its natural order, so slot s is row s of the
+//    step's 32 K rows and every A register needs four consecutive rows:
+//    - int4: rows 0..3 or 4..7 of a word (t even or odd). The nibbles at bits
+//      0, 8, 16, 24 are rows 0, 4, 1, 5 and those at 4, 12, 20, 28 rows 2, 6,
+//      3, 7 (docs/formats.md); moving each into the top half of its byte and
+//      flipping its top bit (one lop3, SignedCodes<4>) makes the byte
+//      16 * (code - 8) as an s8, and one prmt picks rows 0, 1, 2, 3 (bytes 0
+//      and 2 of each) or 4, 5, 6, 7 (bytes 1 and 3). The sums are 16 p, exact;
+//      p = sum >> 4.
+//    - int8: a word holds rows 0, 2, 1, 3 as bytes: one prmt reorders them and
+//      flipping each byte's top bit gives code - 128.
+//  * Groups: the s32 accumulators hold one group's sum p. The first wgmma of
+//    a group passes accumulate = 0 (no register writes, which would serialize
+//    the wgmmas), and after its last one the warpgroup waits for its wgmmas
+//    and adds the group's term (cc/act_quant.h: scale, and offset and t for
+//    asymmetric weights) to f32 accumulators, groups in increasing order; the
+//    other warpgroup's wgmmas keep the tensor cores busy meanwhile. A stage is
+//    128 rows of K, 4 wgmma steps: a 32-row group ends at every step, a
+//    128-row group once per stage. One group (group_size -1) keeps its s32
+//    sum to the end, which is then the CPU handler's bits.
+//  * Operands arrive by TMA (tma.cuh) in a ring of kStages stages: xq
+//    (kRows rows of 128 bytes, the wgmma 128-byte swizzle), the code words of
+//    the stage and the rows of scales (and offsets) of its groups; rows past
+//    M and columns past N arrive as zeros. t (asymmetric only) is read from
+//    global memory at a group's end: its rows are M * 4 bytes apart, which
+//    TMA needs to be a multiple of 16.
+//  * K is split over a cluster of up to 8 CTAs when tiles leave SMs idle,
+//    each CTA taking whole groups; the partial sums meet in distributed
+//    shared memory (wgmma_split.cuh) in rank order: f32 sums of groups (each
+//    split adds its groups in order, then the splits add in rank order), or
+//    for one group the exact s32 sums, of which the single term is formed.
+// Requires K % 128 == 0, N % 8 == 0, groups of 32 * 2^i rows; the lowering
+// sends other shapes to act_quant_gemm.cu.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "act_quant.h"
+#include "cuda/act_quant_target.h"
+#include "cuda/cluster_split.cuh"
+#include "cuda/handlers.h"
+#include "cuda/kernel_attributes.h"
+#include "cuda/launch_status.h"
+#include "cuda/mma_fragments.cuh"
+#include "cuda/tma.cuh"
+#include "cuda/wgmma.cuh"
+#include "cuda/wgmma_split.cuh"
+
+namespace jax_lowbit {
+namespace {
+
+namespace ffi = xla::ffi;
+
+constexpr int kThreads = 256;    // two warpgroups
+constexpr int kRows = 128;       // rows of x per CTA
+constexpr int kColumns = 128;    // output columns per CTA, 64 per warpgroup
+constexpr int kStageK = 128;     // rows of K per stage: one 128-byte row of xq
+constexpr int kStepK = 32;       // rows of K per wgmma
+constexpr int kSteps = kStageK / kStepK;
+constexpr int kStages = 5;       // ring slots: kStages - 2 stages load ahead
+constexpr int kAccumulators = kRows / 2;  // per lane: 2 MMA rows x kRows / 4 columns
+// A split of K runs at least this many stages and costs about kFixedStages
+// more (the first loads' round trip, the cluster sum).
+constexpr int kMinStagesPerSplit = 4;
+constexpr int kFixedStages = 3;
+
+template <int kBits>
+struct StageLayout {
+  static constexpr int kPerWord = 32 / kBits;
+  static constexpr int kWordRows = kStageK / kPerWord;
+  // A stage touches at most kSteps groups (of 32 rows); scales take up to 4
+  // bytes each.
+  static constexpr int kScaleRows = kSteps;
+  static constexpr int kXBytes = kRows * kStageK;
+  static constexpr int kCodeRowBytes = kColumns * 4;
+  static constexpr int kScaleRowBytes = kColumns * 4;
+  static constexpr int kCodeOffset = kXBytes;
+  static constexpr int kScaleOffset = kCodeOffset + kWordRows * kCodeRowBytes;
+  static constexpr int kOffsetOffset = kScaleOffset + kScaleRows * kScaleRowBytes;
+  static constexpr int kBytes = (kOffsetOffset + kScaleRows * kScaleRowBytes + 1023) / 1024 * 1024;
+  static constexpr int kBarrierOffset = kStages * kBytes;
+  static constexpr int kSharedBytes = kBarrierOffset + kStages * 8;
+  static_assert(split_bytes(kRows) <= kBarrierOffset, "split partials fit in the ring");
+};
+
+struct StageMaps {
+  CUtensorMap x, codes, scales, offsets;
+};
+
+// The A register of four consecutive K rows (see the header) of the word
+// holding them; `upper` picks rows 4..7 of an int4 word.
+template <int kBits>
+__device__ __forceinline__ uint32_t a_register(uint32_t word, bool upper) {
+  if constexpr (kBits == 4) {
+    return __byte_perm(SignedCodes<4>::low_nibbles(word), SignedCodes<4>::high_nibbles(word),
+                       upper ? 0x7531 : 0x6420);
+  } else {
+    return __byte_perm(word, 0, 0x3120) ^ 0x80808080u;
+  }
+}
+
+template <int kBits, bool kSymmetric, bool kOneGroup>
+__global__ void __launch_bounds__(kThreads, 1)
+    act_quant_large_m_kernel(const ActQuantArgs p, int row_tiles,
+                             const __grid_constant__ StageMaps maps) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = StageLayout<kBits>;
+  constexpr int kShift = SignedCodes<kBits>::kProductShift;
+  extern __shared__ __align__(1024) char smem[];
+
+  const int group = threadIdx.x / 128;
+  const int warp = threadIdx.x / 32 % 4;
+  const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  const int row0 = blockIdx.x % row_tiles * kRows;
+  const int col0 = blockIdx.x / row_tiles * kColumns;
+  const int column = group * 64 + 16 * warp + 2 * g;  // of MMA row g; g + 8 is column + 1
+  // A split takes whole chunks of stages that end groups.
+  const int group_steps = kOneGroup ? 1 : p.group_steps;
+  const int chunk = max(1, group_steps / kSteps);
+  const int chunks = p.k / kStageK / chunk;
+  const int splits = int(gridDim.y);
+  const int first = chunks * int(blockIdx.y) / splits * chunk;
+  const int stages = chunks * (int(blockIdx.y) + 1) / splits * chunk - first;
+  const int scale_rows = max(1, kSteps / group_steps);
+  const int scale_bytes = float_bytes(p.scale_type);
+
+  int32_t iacc[kAccumulators];  // left unset: the first wgmma of a group overwrites them
+  float facc[kOneGroup ? 1 : kAccumulators];
+#pragma unroll
+  for (int i = 0; i < (kOneGroup ? 1 : kAccumulators); ++i) facc[i] = 0.f;
+  uint32_t a[kSteps][4];
+
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBarrierOffset);
+  const uint32_t stage_bytes =
+      L::kXBytes + L::kWordRows * L::kCodeRowBytes +
+      (kOneGroup ? 0 : (kSymmetric ? 1 : 2) * scale_rows * kColumns * scale_bytes);
+  auto load = [&](int j) {  // thread 0 only
+    char* stage = smem + (j % kStages) * L::kBytes;
+    uint64_t* barrier = full + j % kStages;
+    const int k0 = (first + j) * kStageK;
+    tma::expect_bytes(barrier, stage_bytes);
+    tma::load_2d(stage, &maps.x, row0, k0, barrier);
+    tma::load_2d(stage + L::kCodeOffset, &maps.codes, k0 / L::kPerWord, col0, barrier);
+    if (!kOneGroup) {
+      const int scale_row = k0 / kStepK / group_steps;
+      tma::load_2d(stage + L::kScaleOffset, &maps.scales, scale_row, col0, barrier);
+      if (!kSymmetric) {
+        tma::load_2d(stage + L::kOffsetOffset, &maps.offsets, scale_row, col0, barrier);
+      }
+    }
+  };
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kStages; ++i) tma::init_barrier(full + i);
+    tma::fence_init();
+    for (int i = 0; i < kStages - 2 && i < stages; ++i) load(i);
+  }
+  __syncthreads();  // the barriers are initialized
+  auto begin_stage = [&](int j) {
+    tma::wait(full + j % kStages, (j / kStages) & 1);
+    // Both warpgroups are past the wgmmas of stage j - 2 and its A registers:
+    // its slot is refilled now.
+    __syncthreads();
+    const int next = j + kStages - 2;
+    if (threadIdx.x == 0 && next < stages) load(next);
+  };
+  // The A registers of step `step` of a stage.
+  auto widen = [&](const char* stage, int step, uint32_t(&frag)[4]) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      // K rows 32 step + 16 half + 4t .. + 3 of the stage.
+      const int row = kStepK * step + 16 * half + 4 * t;
+      const uint2 words = *reinterpret_cast<const uint2*>(
+          stage + L::kCodeOffset + (row / L::kPerWord) * L::kCodeRowBytes + 4 * column);
+      const bool upper = row % L::kPerWord != 0;
+      frag[2 * half] = a_register<kBits>(words.x, upper);
+      frag[2 * half + 1] = a_register<kBits>(words.y, upper);
+    }
+  };
+  // After the last step of group `group_index` (step `step` of `stage`): its
+  // term joins the f32 sums. Accumulators 4q + h and 4q + 2 + h are MMA rows
+  // g and g + 8 (columns column, column + 1) at MMA column 8q + 2t + h.
+  auto add_group = [&](const char* stage, int step, int group_index) {
+    const int at = (step / group_steps) * kColumns + column;  // scale row, column
+    const char* scales = stage + L::kScaleOffset;
+    const char* offsets = stage + L::kOffsetOffset;
+    float scale[2], offset[2] = {0.f, 0.f};
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      scale[c] = load_float(scales, at + c, p.scale_type);
+      if (!kSymmetric) offset[c] = load_float(offsets, at + c, p.scale_type);
+    }
+#pragma unroll
+    for (int i = 0; i < kAccumulators; i += 4) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = row0 + 8 * (i / 4) + 2 * t + h;
+        const int32_t sum_x =
+            kSymmetric || m >= p.m ? 0 : __ldg(p.group_sums + int64_t(group_index) * p.m + m);
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int r = i + 2 * c + h;
+          facc[r] = add_rn(facc[r], group_term(iacc[r] >> kShift, sum_x, kBits, kSymmetric,
+                                               scale[c], offset[c]));
+        }
+      }
+    }
+  };
+
+  begin_stage(0);
+  widen(smem, 0, a[0]);
+  for (int j = 0; j < stages; ++j) {
+    const char* stage = smem + (j % kStages) * L::kBytes;
+    const uint32_t x_base = shared_address(stage);
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      const int global_step = (first + j) * kSteps + step;
+      const bool starts_group =
+          kOneGroup ? j == 0 && step == 0 : (global_step & (group_steps - 1)) == 0;
+      // B: rows 32 step .. + 31 of K, 32 bytes into every 128-byte row of xq.
+      const uint64_t desc = wgmma::descriptor_sw128(x_base + 32 * step);
+      wgmma::fence();
+      wgmma::Mma<int8_t>::mma(iacc, a[step], desc, !starts_group);
+      wgmma::commit();
+      if (step + 1 < kSteps) {
+        widen(stage, step + 1, a[step + 1]);
+      } else if (j + 1 < stages) {
+        begin_stage(j + 1);
+        widen(smem + ((j + 1) % kStages) * L::kBytes, 0, a[0]);
+      }
+      if (!kOneGroup && ((global_step + 1) & (group_steps - 1)) == 0) {
+        wgmma::wait<0>();
+        add_group(stage, step, global_step / group_steps);
+      } else {
+        wgmma::wait<2>();  // the wgmmas of two steps back are done
+      }
+    }
+  }
+  wgmma::wait<0>();
+
+  // y[m, col] from a column's sum: the f32 sum of groups, or with one group
+  // the s32 sum of which the single term is formed (acc = 0 + term).
+  auto finish = [&](int m, int col, auto sum) {
+    float acc;
+    if constexpr (kOneGroup) {
+      const float scale = load_float(p.scales, col, p.scale_type);
+      const float offset = kSymmetric ? 0.f : load_float(p.offsets, col, p.scale_type);
+      acc = add_rn(0.f, group_term(int32_t(sum) >> kShift, kSymmetric ? 0 : p.group_sums[m],
+                                   kBits, kSymmetric, scale, offset));
+    } else {
+      acc = sum;
+    }
+    store_output(p.y, int64_t(m) * p.n + col, mul_rn(acc, p.x_scales[m]), p.out_type);
+  };
+  const int rows = min(kRows, p.m - row0);
+  if (splits > 1) {
+    auto finish_quad = [&](int, int row, int c, const auto(&sum)[4]) {
+      const int col = col0 + c;
+      if (col >= p.n) return;  // N % 8 == 0: all four columns or none
+#pragma unroll
+      for (int e = 0; e < 4; ++e) finish(row0 + row, col + e, sum[e]);
+    };
+    if constexpr (kOneGroup) {
+      const int32_t(&sums)[1][kAccumulators] =
+          *reinterpret_cast<const int32_t(*)[1][kAccumulators]>(&iacc);
+      add_split_partials<kThreads>(sums, smem, rows, column, finish_quad);
+    } else {
+      const float(&sums)[1][kAccumulators] =
+          *reinterpret_cast<const float(*)[1][kAccumulators]>(&facc);
+      add_split_partials<kThreads>(sums, smem, rows, column, finish_quad);
+    }
+    return;
+  }
+  const int col = col0 + column;
+  if (col >= p.n) return;  // N % 8 == 0: both columns or neither
+#pragma unroll
+  for (int i = 0; i < kAccumulators; i += 4) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = 8 * (i / 4) + 2 * t + h;
+      if (m >= rows) continue;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int r = i + 2 * c + h;
+        if constexpr (kOneGroup) {
+          finish(row0 + m, col + c, iacc[r]);
+        } else {
+          finish(row0 + m, col + c, facc[r]);
+        }
+      }
+    }
+  }
+#else
+  __trap();  // the handler launches this kernel only on sm_90
+#endif
+}
+
+template <int kBits, bool kSymmetric, bool kOneGroup>
+cudaError_t launch(const ActQuantArgs& args, const StageMaps& maps, int device,
+                   cudaStream_t stream) {
+  using L = StageLayout<kBits>;
+  constexpr auto kernel = act_quant_large_m_kernel<kBits, kSymmetric, kOneGroup>;
+  cudaError_t err = allow_shared_memory<kernel>(device, L::kSharedBytes);
+  if (err != cudaSuccess) return err;
+  const int row_tiles = (args.m + kRows - 1) / kRows;
+  const int tiles = row_tiles * ((args.n + kColumns - 1) / kColumns);
+  const int stages = args.k / kStageK;  // > 0
+  const int chunk = kOneGroup ? 1 : std::max(1, args.group_steps / kSteps);
+  const int max_splits = std::min(stages / chunk, stages / kMinStagesPerSplit);
+  const int splits = choose_splits<kernel>(device, tiles, max_splits, kThreads, L::kSharedBytes,
+                                           double(kFixedStages) / stages);
+  const ClusterLaunch launch(dim3(tiles, splits), kThreads, L::kSharedBytes, stream);
+  err = cudaLaunchKernelEx(&launch.config, kernel, args, row_tiles, maps);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+template <int kBits>
+cudaError_t launch_bits(const ActQuantArgs& args, const StageMaps& maps, bool symmetric,
+                        int device, cudaStream_t stream) {
+  if (args.groups == 1) {
+    return symmetric ? launch<kBits, true, true>(args, maps, device, stream)
+                     : launch<kBits, false, true>(args, maps, device, stream);
+  }
+  return symmetric ? launch<kBits, true, false>(args, maps, device, stream)
+                   : launch<kBits, false, false>(args, maps, device, stream);
+}
+
+ffi::Error act_quant_gemm_large_m_impl(cudaStream_t stream, ffi::Buffer<ffi::S8> xq,
+                                       ffi::Buffer<ffi::F32> x_scales,
+                                       ffi::Buffer<ffi::S32> group_sums,
+                                       ffi::Buffer<ffi::U32> codes, ffi::AnyBuffer scales,
+                                       ffi::AnyBuffer offsets, ffi::Result<ffi::AnyBuffer> y,
+                                       int32_t bits, int64_t group_size, bool symmetric) {
+  constexpr const char* kName = "act_quant_gemm (large M)";
+  ActQuantArgs args;
+  ffi::Error error = act_quant_problem(kName, xq, x_scales, group_sums, codes, scales, offsets, y,
+                                       bits, group_size, kStageK, 8, INT32_MAX, args);
+  if (error.failure()) return error;
+  int device = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  }
+  if (err != cudaSuccess) return launch_status(err, kName);
+  if (major != 9) {
+    return ffi::Error::InvalidArgument(std::string(kName) + ": the wgmma kernel needs sm_90");
+  }
+  if (args.m == 0 || args.n == 0) return ffi::Error::Success();
+  if (args.k == 0) {  // an empty sum: y = 0 (zero bits in every float type)
+    const size_t bytes = size_t(args.m) * args.n * (args.out_type == FloatType::kF32 ? 4 : 2);
+    return launch_status(cudaMemsetAsync(args.y, 0, bytes, stream), kName);
+  }
+  const int per_word = 32 / args.bits;
+  const int scale_size = args.scale_type == FloatType::kF32 ? 4 : 2;
+  const uint32_t scale_rows = std::max(1, kSteps / args.group_steps);
+  StageMaps maps;
+  if (!(tma::map_2d(&maps.x, args.xq, 1, args.m, args.k, kRows, kStageK, true) &&
+        tma::map_2d(&maps.codes, args.codes, 4, args.k / per_word, args.n,
+                    kStageK / per_word, kColumns, false) &&
+        tma::map_2d(&maps.scales, args.scales, scale_size, args.groups, args.n, scale_rows,
+                    kColumns, false) &&
+        tma::map_2d(&maps.offsets, args.offsets, scale_size, args.groups, args.n, scale_rows,
+                    kColumns, false))) {
+    return ffi::Error::Internal(std::string(kName) + ": the CUDA driver refused a TMA map");
+  }
+  return launch_status(args.bits == 8 ? launch_bits<8>(args, maps, symmetric, device, stream)
+                                      : launch_bits<4>(args, maps, symmetric, device, stream),
+                       kName);
+}
+
+}  // namespace
+}  // namespace jax_lowbit
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitActQuantGemmLargeMCuda,
+                              jax_lowbit::act_quant_gemm_large_m_impl,
+                              jax_lowbit::act_quant_binding(),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
