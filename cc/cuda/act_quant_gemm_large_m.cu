@@ -25,9 +25,8 @@
 //  * Groups: the s32 accumulators hold one group's sum p. The first wgmma of
 //    a group passes accumulate = 0 (no register writes, which would serialize
 //    the wgmmas), and after its last one the warpgroup waits for its wgmmas
-//    and adds the group's term (cc/act_quant.h: scale, and offset and t for
-//    asymmetric weights) to f32 accumulators, groups in increasing order; the
-//    other warpgroup's wgmmas keep the tensor cores busy meanwhile. A stage is
+//    and adds the group's term (scale, and offset and t for asymmetric
+//    weights) to f32 accumulators, groups in increasing order, each as fmas. A stage is
 //    128 rows of K, 4 wgmma steps: a 32-row group ends at every step, a
 //    128-row group once per stage. One group (group_size -1) keeps its s32
 //    sum to the end, which is then the CPU handler's bits.
@@ -46,6 +45,7 @@
 // sends other shapes to act_quant_gemm.cu.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "act_quant.h"
@@ -65,20 +65,27 @@ namespace {
 namespace ffi = xla::ffi;
 
 constexpr int kThreads = 256;    // two warpgroups
-constexpr int kRows = 128;       // rows of x per CTA
 constexpr int kColumns = 128;    // output columns per CTA, 64 per warpgroup
 constexpr int kStageK = 128;     // rows of K per stage: one 128-byte row of xq
 constexpr int kStepK = 32;       // rows of K per wgmma
 constexpr int kSteps = kStageK / kStepK;
-constexpr int kStages = 5;       // ring slots: kStages - 2 stages load ahead
-constexpr int kAccumulators = kRows / 2;  // per lane: 2 MMA rows x kRows / 4 columns
 // A split of K runs at least this many stages and costs about kFixedStages
 // more (the first loads' round trip, the cluster sum).
 constexpr int kMinStagesPerSplit = 4;
 constexpr int kFixedStages = 3;
+constexpr int kMaxSharedBytes = 227 * 1024;  // per CTA on sm_90
 
-template <int kBits>
+// Rows of x per CTA (the wgmma N) and ring slots (kStages - 3 stages load
+// ahead). With groups a lane holds s32 and f32 accumulators, kRows / 2 each,
+// which leaves room for 128 rows. (One group needs no f32 ones, but 256 rows
+// ran slower on the H100: 4.2 against 3.8 ms on the suite at M = 4096, 252
+// against 188 us at 64; docs/perf.md.) A stage is a quarter of
+// gemm_large_m.cu's MMA time (s8 wgmmas run twice as fast, over N = 128), so
+// the ring holds as many stages as fit to hide the loads' latency.
+template <int kBits, bool kOneGroup>
 struct StageLayout {
+  static constexpr int kRows = 128;
+  static constexpr int kAccumulators = kRows / 2;  // per lane: 2 MMA rows x kRows / 4
   static constexpr int kPerWord = 32 / kBits;
   static constexpr int kWordRows = kStageK / kPerWord;
   // A stage touches at most kSteps groups (of 32 rows); scales take up to 4
@@ -91,6 +98,7 @@ struct StageLayout {
   static constexpr int kScaleOffset = kCodeOffset + kWordRows * kCodeRowBytes;
   static constexpr int kOffsetOffset = kScaleOffset + kScaleRows * kScaleRowBytes;
   static constexpr int kBytes = (kOffsetOffset + kScaleRows * kScaleRowBytes + 1023) / 1024 * 1024;
+  static constexpr int kStages = (kMaxSharedBytes - 1024) / kBytes;
   static constexpr int kBarrierOffset = kStages * kBytes;
   static constexpr int kSharedBytes = kBarrierOffset + kStages * 8;
   static_assert(split_bytes(kRows) <= kBarrierOffset, "split partials fit in the ring");
@@ -112,12 +120,24 @@ __device__ __forceinline__ uint32_t a_register(uint32_t word, bool upper) {
   }
 }
 
+// v as float32, exactly, for |v| < 2^22: the float whose bits are those of
+// 1.5 * 2^23 plus v is 1.5 * 2^23 + v (its unit in the last place is 1), and
+// subtracting 1.5 * 2^23 is exact. An integer add (which takes another addend
+// along) and a float add, where the conversion instruction (I2F) runs at a
+// fraction of their rate: at every group's end a lane converts kAccumulators
+// sums, which made I2F a limit of the kernel (docs/perf.md).
+__device__ __forceinline__ float small_int_to_float(int32_t v) {
+  constexpr float kMagic = 12582912.f;  // 1.5 * 2^23, bits 0x4B400000
+  return __int_as_float(v + 0x4B400000) - kMagic;
+}
+
 template <int kBits, bool kSymmetric, bool kOneGroup>
 __global__ void __launch_bounds__(kThreads, 1)
     act_quant_large_m_kernel(const ActQuantArgs p, int row_tiles,
                              const __grid_constant__ StageMaps maps) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using L = StageLayout<kBits>;
+  using L = StageLayout<kBits, kOneGroup>;
+  constexpr int kRows = L::kRows, kAccumulators = L::kAccumulators, kStages = L::kStages;
   constexpr int kShift = SignedCodes<kBits>::kProductShift;
   extern __shared__ __align__(1024) char smem[];
 
@@ -135,13 +155,29 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int first = chunks * int(blockIdx.y) / splits * chunk;
   const int stages = chunks * (int(blockIdx.y) + 1) / splits * chunk - first;
   const int scale_rows = max(1, kSteps / group_steps);
+  // Whether a group's sum, 2^kShift (p + 2^(bits-1) t) = 2^kShift sum xq * code
+  // (p alone for symmetric weights), stays below 2^22 in magnitude for
+  // small_int_to_float: |xq| <= 127, |code - 2^(bits-1)| <= 2^(bits-1) and
+  // |code| < 2^bits. Only 256-row groups of asymmetric weights exceed it.
+  const int64_t code_max = kSymmetric ? (1 << (kBits - 1)) : (1 << kBits) - 1;
+  const bool small_sums =
+      (int64_t(127) << kShift) * code_max * (group_steps * kStepK) < (int64_t(1) << 22);
   const int scale_bytes = float_bytes(p.scale_type);
 
   int32_t iacc[kAccumulators];  // left unset: the first wgmma of a group overwrites them
   float facc[kOneGroup ? 1 : kAccumulators];
 #pragma unroll
   for (int i = 0; i < (kOneGroup ? 1 : kAccumulators); ++i) facc[i] = 0.f;
-  uint32_t a[kSteps][4];
+  // A register sets: with groups two stages' worth, so that the set of step
+  // s + 1 is filled while the wgmmas of steps s - 6 .. s run (three wgmmas in
+  // flight, as in gemm_large_m.cu, whose wgmmas take four times as long, left
+  // the kernel waiting on them; docs/perf.md). With one group, whose wgmma
+  // pipeline never drains, ptxas serialized the wgmmas at that depth: one
+  // stage's worth, steps s - 2 .. s.
+  constexpr int kSets = kOneGroup ? kSteps : 2 * kSteps;
+  // Stages whose wgmmas may still run when the next stage begins.
+  constexpr int kStagesInFlight = kSets / kSteps;
+  uint32_t a[kSets][4];
 
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBarrierOffset);
   const uint32_t stage_bytes =
@@ -165,15 +201,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) tma::init_barrier(full + i);
     tma::fence_init();
-    for (int i = 0; i < kStages - 2 && i < stages; ++i) load(i);
+    for (int i = 0; i < kStages - 1 - kStagesInFlight && i < stages; ++i) load(i);
   }
   __syncthreads();  // the barriers are initialized
   auto begin_stage = [&](int j) {
     tma::wait(full + j % kStages, (j / kStages) & 1);
-    // Both warpgroups are past the wgmmas of stage j - 2 and its A registers:
-    // its slot is refilled now.
+    // Both warpgroups are past the wgmmas of stage j - 1 - kStagesInFlight and
+    // its A registers: its slot is refilled now.
     __syncthreads();
-    const int next = j + kStages - 2;
+    const int next = j + kStages - 1 - kStagesInFlight;
     if (threadIdx.x == 0 && next < stages) load(next);
   };
   // The A registers of step `step` of a stage.
@@ -190,17 +226,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
   // After the last step of group `group_index` (step `step` of `stage`): its
-  // term joins the f32 sums. Accumulators 4q + h and 4q + 2 + h are MMA rows
-  // g and g + 8 (columns column, column + 1) at MMA column 8q + 2t + h.
+  // term joins the f32 sums, as one fma: acc + f32(sum) * scale rounds once
+  // where the spec rounds the product and the sum (docs/formats.md). The
+  // accumulators hold 2^kShift times the sum, so the scale is divided by
+  // 2^kShift (exact). Accumulators 4q + h and 4q + 2 + h are MMA rows g and
+  // g + 8 (columns column, column + 1) at MMA column 8q + 2t + h.
   auto add_group = [&](const char* stage, int step, int group_index) {
     const int at = (step / group_steps) * kColumns + column;  // scale row, column
-    const char* scales = stage + L::kScaleOffset;
-    const char* offsets = stage + L::kOffsetOffset;
+    constexpr float kUnit = 1.f / (1 << kShift);
     float scale[2], offset[2] = {0.f, 0.f};
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
-      scale[c] = load_float(scales, at + c, p.scale_type);
-      if (!kSymmetric) offset[c] = load_float(offsets, at + c, p.scale_type);
+      scale[c] = load_float(stage + L::kScaleOffset, at + c, p.scale_type) * kUnit;
+      if (!kSymmetric) offset[c] = load_float(stage + L::kOffsetOffset, at + c, p.scale_type);
     }
 #pragma unroll
     for (int i = 0; i < kAccumulators; i += 4) {
@@ -209,11 +247,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int m = row0 + 8 * (i / 4) + 2 * t + h;
         const int32_t sum_x =
             kSymmetric || m >= p.m ? 0 : __ldg(p.group_sums + int64_t(group_index) * p.m + m);
+        // 2^(bits-1) t in the accumulators' units: their sum is then 2^kShift sum xq * code.
+        const uint32_t code_shift = uint32_t(sum_x) << (kBits - 1 + kShift);
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int r = i + 2 * c + h;
-          facc[r] = add_rn(facc[r], group_term(iacc[r] >> kShift, sum_x, kBits, kSymmetric,
-                                               scale[c], offset[c]));
+          const int32_t sum = int32_t(uint32_t(iacc[r]) + code_shift);
+          const float f = small_sums ? small_int_to_float(sum) : float(sum);
+          facc[r] = fmaf(f, scale[c], facc[r]);
+          if (!kSymmetric) facc[r] = fmaf(small_int_to_float(sum_x), offset[c], facc[r]);
         }
       }
     }
@@ -221,30 +263,37 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   begin_stage(0);
   widen(smem, 0, a[0]);
-  for (int j = 0; j < stages; ++j) {
-    const char* stage = smem + (j % kStages) * L::kBytes;
-    const uint32_t x_base = shared_address(stage);
+  // Stages in pairs, so that every A set index is known at compile time.
+  for (int pair = 0; pair < stages; pair += 2) {
 #pragma unroll
-    for (int step = 0; step < kSteps; ++step) {
-      const int global_step = (first + j) * kSteps + step;
-      const bool starts_group =
-          kOneGroup ? j == 0 && step == 0 : (global_step & (group_steps - 1)) == 0;
-      // B: rows 32 step .. + 31 of K, 32 bytes into every 128-byte row of xq.
-      const uint64_t desc = wgmma::descriptor_sw128(x_base + 32 * step);
-      wgmma::fence();
-      wgmma::Mma<int8_t>::mma(iacc, a[step], desc, !starts_group);
-      wgmma::commit();
-      if (step + 1 < kSteps) {
-        widen(stage, step + 1, a[step + 1]);
-      } else if (j + 1 < stages) {
-        begin_stage(j + 1);
-        widen(smem + ((j + 1) % kStages) * L::kBytes, 0, a[0]);
-      }
-      if (!kOneGroup && ((global_step + 1) & (group_steps - 1)) == 0) {
-        wgmma::wait<0>();
-        add_group(stage, step, global_step / group_steps);
-      } else {
-        wgmma::wait<2>();  // the wgmmas of two steps back are done
+    for (int half = 0; half < 2; ++half) {
+      const int j = pair + half;
+      if (half == 1 && j >= stages) break;
+      const char* stage = smem + (j % kStages) * L::kBytes;
+      const uint32_t x_base = shared_address(stage);
+#pragma unroll
+      for (int step = 0; step < kSteps; ++step) {
+        const int set = (half * kSteps + step) % kSets, next_set = (set + 1) % kSets;
+        const int global_step = (first + j) * kSteps + step;
+        const bool starts_group =
+            kOneGroup ? pair + half + step == 0 : (global_step & (group_steps - 1)) == 0;
+        // B: rows 32 step .. + 31 of K, 32 bytes into every 128-byte row of xq.
+        const uint64_t desc = wgmma::descriptor_sw128(x_base + 32 * step);
+        wgmma::fence();
+        wgmma::Mma<int8_t>::mma(iacc, a[set], desc, !starts_group);
+        wgmma::commit();
+        if (step + 1 < kSteps) {
+          widen(stage, step + 1, a[next_set]);
+        } else if (j + 1 < stages) {
+          begin_stage(j + 1);
+          widen(smem + ((j + 1) % kStages) * L::kBytes, 0, a[next_set]);
+        }
+        if (!kOneGroup && ((global_step + 1) & (group_steps - 1)) == 0) {
+          wgmma::wait<0>();
+          add_group(stage, step, global_step / group_steps);
+        } else {
+          wgmma::wait<kSets - 2>();  // the wgmmas of kSets - 2 steps back are done
+        }
       }
     }
   }
@@ -307,11 +356,28 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+// The tensor maps of a stage's tiles (see StageMaps); false if the driver
+// refuses one.
+bool make_maps(const ActQuantArgs& args, int rows, StageMaps& maps) {
+  const int per_word = 32 / args.bits;
+  const int scale_size = args.scale_type == FloatType::kF32 ? 4 : 2;
+  const uint32_t scale_rows = std::max(1, kSteps / args.group_steps);
+  return tma::map_2d(&maps.x, args.xq, 1, args.m, args.k, rows, kStageK, true) &&
+         tma::map_2d(&maps.codes, args.codes, 4, args.k / per_word, args.n, kStageK / per_word,
+                     kColumns, false) &&
+         tma::map_2d(&maps.scales, args.scales, scale_size, args.groups, args.n, scale_rows,
+                     kColumns, false) &&
+         tma::map_2d(&maps.offsets, args.offsets, scale_size, args.groups, args.n, scale_rows,
+                     kColumns, false);
+}
+
 template <int kBits, bool kSymmetric, bool kOneGroup>
-cudaError_t launch(const ActQuantArgs& args, const StageMaps& maps, int device,
-                   cudaStream_t stream) {
-  using L = StageLayout<kBits>;
+cudaError_t launch(const ActQuantArgs& args, int device, cudaStream_t stream) {
+  using L = StageLayout<kBits, kOneGroup>;
+  constexpr int kRows = L::kRows;
   constexpr auto kernel = act_quant_large_m_kernel<kBits, kSymmetric, kOneGroup>;
+  StageMaps maps;
+  if (!make_maps(args, kRows, maps)) return cudaErrorInvalidValue;
   cudaError_t err = allow_shared_memory<kernel>(device, L::kSharedBytes);
   if (err != cudaSuccess) return err;
   const int row_tiles = (args.m + kRows - 1) / kRows;
@@ -327,14 +393,14 @@ cudaError_t launch(const ActQuantArgs& args, const StageMaps& maps, int device,
 }
 
 template <int kBits>
-cudaError_t launch_bits(const ActQuantArgs& args, const StageMaps& maps, bool symmetric,
-                        int device, cudaStream_t stream) {
+cudaError_t launch_bits(const ActQuantArgs& args, bool symmetric, int device,
+                        cudaStream_t stream) {
   if (args.groups == 1) {
-    return symmetric ? launch<kBits, true, true>(args, maps, device, stream)
-                     : launch<kBits, false, true>(args, maps, device, stream);
+    return symmetric ? launch<kBits, true, true>(args, device, stream)
+                     : launch<kBits, false, true>(args, device, stream);
   }
-  return symmetric ? launch<kBits, true, false>(args, maps, device, stream)
-                   : launch<kBits, false, false>(args, maps, device, stream);
+  return symmetric ? launch<kBits, true, false>(args, device, stream)
+                   : launch<kBits, false, false>(args, device, stream);
 }
 
 ffi::Error act_quant_gemm_large_m_impl(cudaStream_t stream, ffi::Buffer<ffi::S8> xq,
@@ -362,21 +428,9 @@ ffi::Error act_quant_gemm_large_m_impl(cudaStream_t stream, ffi::Buffer<ffi::S8>
     const size_t bytes = size_t(args.m) * args.n * (args.out_type == FloatType::kF32 ? 4 : 2);
     return launch_status(cudaMemsetAsync(args.y, 0, bytes, stream), kName);
   }
-  const int per_word = 32 / args.bits;
-  const int scale_size = args.scale_type == FloatType::kF32 ? 4 : 2;
-  const uint32_t scale_rows = std::max(1, kSteps / args.group_steps);
-  StageMaps maps;
-  if (!(tma::map_2d(&maps.x, args.xq, 1, args.m, args.k, kRows, kStageK, true) &&
-        tma::map_2d(&maps.codes, args.codes, 4, args.k / per_word, args.n,
-                    kStageK / per_word, kColumns, false) &&
-        tma::map_2d(&maps.scales, args.scales, scale_size, args.groups, args.n, scale_rows,
-                    kColumns, false) &&
-        tma::map_2d(&maps.offsets, args.offsets, scale_size, args.groups, args.n, scale_rows,
-                    kColumns, false))) {
-    return ffi::Error::Internal(std::string(kName) + ": the CUDA driver refused a TMA map");
-  }
-  return launch_status(args.bits == 8 ? launch_bits<8>(args, maps, symmetric, device, stream)
-                                      : launch_bits<4>(args, maps, symmetric, device, stream),
+  // (cudaErrorInvalidValue: the driver refused a TMA tensor map.)
+  return launch_status(args.bits == 8 ? launch_bits<8>(args, symmetric, device, stream)
+                                      : launch_bits<4>(args, symmetric, device, stream),
                        kName);
 }
 
