@@ -18,18 +18,21 @@
 //      3, 7 (docs/formats.md); moving each into the top half of its byte and
 //      flipping its top bit (one lop3, SignedCodes<4>) makes the byte
 //      16 * (code - 8) as an s8, and one prmt picks rows 0, 1, 2, 3 (bytes 0
-//      and 2 of each) or 4, 5, 6, 7 (bytes 1 and 3). The sums are 16 p, exact;
-//      p = sum >> 4.
+//      and 2 of each) or 4, 5, 6, 7 (bytes 1 and 3). The sums are 16 p, exact
+//      (the group term's scale is divided by 16; one group: p = sum >> 4).
 //    - int8: a word holds rows 0, 2, 1, 3 as bytes: one prmt reorders them and
 //      flipping each byte's top bit gives code - 128.
 //  * Groups: the s32 accumulators hold one group's sum p. The first wgmma of
 //    a group passes accumulate = 0 (no register writes, which would serialize
 //    the wgmmas), and after its last one the warpgroup waits for its wgmmas
 //    and adds the group's term (scale, and offset and t for asymmetric
-//    weights) to f32 accumulators, groups in increasing order, each as fmas. A stage is
-//    128 rows of K, 4 wgmma steps: a 32-row group ends at every step, a
-//    128-row group once per stage. One group (group_size -1) keeps its s32
-//    sum to the end, which is then the CPU handler's bits.
+//    weights) to f32 accumulators, groups in increasing order, as fmas. A
+//    stage is 128 rows of K, 4 wgmma steps: a 32-row group ends at every
+//    step, a 128-row group once per stage. One group (group_size -1) keeps
+//    its s32 sum to the end, which then gives the CPU handler's bits.
+//    Measured limit (docs/perf.md, v9): the kernel is latency-bound; the two
+//    warpgroups form their terms at the same time (one CTA barrier per
+//    stage), while the tensor cores idle.
 //  * Operands arrive by TMA (tma.cuh) in a ring of kStages stages: xq
 //    (kRows rows of 128 bytes, the wgmma 128-byte swizzle), the code words of
 //    the stage and the rows of scales (and offsets) of its groups; rows past
