@@ -201,19 +201,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   };
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < kStages; ++i) tma::init_barrier(full + i);
-    tma::fence_init();
-    for (int i = 0; i < kStages - 1 - kStagesInFlight && i < stages; ++i) load(i);
-  }
-  __syncthreads();  // the barriers are initialized
+  // At stage j both warpgroups are past the wgmmas of stage j - 1 -
+  // kStagesInFlight and its A registers: its slot is refilled then.
+  constexpr int kAhead = kStages - 1 - kStagesInFlight;
+  tma::start_ring(full, kStages, kAhead, stages, load);
   auto begin_stage = [&](int j) {
-    tma::wait(full + j % kStages, (j / kStages) & 1);
-    // Both warpgroups are past the wgmmas of stage j - 1 - kStagesInFlight and
-    // its A registers: its slot is refilled now.
-    __syncthreads();
-    const int next = j + kStages - 1 - kStagesInFlight;
-    if (threadIdx.x == 0 && next < stages) load(next);
+    tma::begin_ring_stage(full, kStages, kAhead, j, stages, load);
   };
   // The A registers of step `step` of a stage.
   auto widen = [&](const char* stage, int step, uint32_t(&frag)[4]) {
@@ -363,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // refuses one.
 bool make_maps(const ActQuantArgs& args, int rows, StageMaps& maps) {
   const int per_word = 32 / args.bits;
-  const int scale_size = args.scale_type == FloatType::kF32 ? 4 : 2;
+  const int scale_size = float_bytes(args.scale_type);
   const uint32_t scale_rows = std::max(1, kSteps / args.group_steps);
   return tma::map_2d(&maps.x, args.xq, 1, args.m, args.k, rows, kStageK, true) &&
          tma::map_2d(&maps.codes, args.codes, 4, args.k / per_word, args.n, kStageK / per_word,
@@ -417,18 +410,12 @@ ffi::Error act_quant_gemm_large_m_impl(cudaStream_t stream, ffi::Buffer<ffi::S8>
   ffi::Error error = act_quant_problem(kName, xq, x_scales, group_sums, codes, scales, offsets, y,
                                        bits, group_size, kStageK, 8, INT32_MAX, args);
   if (error.failure()) return error;
-  int device = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  }
-  if (err != cudaSuccess) return launch_status(err, kName);
-  if (major != 9) {
-    return ffi::Error::InvalidArgument(std::string(kName) + ": the wgmma kernel needs sm_90");
-  }
+  int device = 0;
+  error = current_sm90_device(kName, device);
+  if (error.failure()) return error;
   if (args.m == 0 || args.n == 0) return ffi::Error::Success();
   if (args.k == 0) {  // an empty sum: y = 0 (zero bits in every float type)
-    const size_t bytes = size_t(args.m) * args.n * (args.out_type == FloatType::kF32 ? 4 : 2);
+    const size_t bytes = size_t(args.m) * args.n * float_bytes(args.out_type);
     return launch_status(cudaMemsetAsync(args.y, 0, bytes, stream), kName);
   }
   // (cudaErrorInvalidValue: the driver refused a TMA tensor map.)

@@ -126,7 +126,7 @@ __device__ __forceinline__ float load_float(const void* p, int64_t i, FloatType 
   }
 }
 
-__device__ __forceinline__ int float_bytes(FloatType type) {
+__host__ __device__ __forceinline__ int float_bytes(FloatType type) {
   return type == FloatType::kF32 ? 4 : 2;
 }
 

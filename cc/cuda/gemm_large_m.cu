@@ -61,6 +61,7 @@
 #include "cuda/dense_gemm_target.h"
 #include "cuda/handlers.h"
 #include "cuda/kernel_attributes.h"
+#include "cuda/launch_status.h"
 #include "cuda/mma_fragments.cuh"
 #include "cuda/small_m.cuh"
 #include "cuda/staged_gemm.cuh"
@@ -187,20 +188,12 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
       tma::load_2d(stage + L::kOffsetOffset, &maps.offsets, scale_row, col0, barrier);
     }
   };
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < kStages; ++i) tma::init_barrier(full + i);
-    tma::fence_init();
-    for (int i = 0; i < kStages - 2 && i < stages; ++i) load(i);
-  }
-  __syncthreads();  // the barriers are initialized
+  tma::start_ring(full, kStages, kStages - 2, stages, load);
+  // At stage j both warpgroups are past the wgmmas of stage j - 2 (at most
+  // three groups, of stage j - 1, run) and its dequantization: its slot is
+  // refilled then.
   auto begin_stage = [&](int j) {
-    tma::wait(full + j % kStages, (j / kStages) & 1);
-    // Both warpgroups are past the wgmmas of stage j - 2 (at most three
-    // groups, of stage j - 1, run) and its dequantization: its slot is
-    // refilled now.
-    __syncthreads();
-    const int next = j + kStages - 2;
-    if (threadIdx.x == 0 && next < stages) load(next);
+    tma::begin_ring_stage(full, kStages, kStages - 2, j, stages, load);
   };
   // The A fragments of rows 16 step .. + 15 of a stage.
   auto dequantize = [&](const char* stage, int step, uint32_t(&frag)[kBlocks][4]) {
@@ -356,15 +349,9 @@ ffi::Error gemm_large_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
                                         [](int) { return kStageK; }, INT32_MAX, p, args);
   if (error.failure()) return error;
   if (p.n % 8 != 0) return ffi::Error::InvalidArgument("gemm (large M): needs N % 8 == 0");
-  int device = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  }
-  if (err != cudaSuccess) return launch_result(err);
-  if (major != 9) {
-    return ffi::Error::InvalidArgument("gemm (large M): the wgmma kernel needs an sm_90 GPU");
-  }
+  int device = 0;
+  error = current_sm90_device("gemm (large M)", device);
+  if (error.failure()) return error;
   if (p.m == 0 || p.n == 0) return ffi::Error::Success();
   if (p.k == 0) {  // an empty sum: y = 0 (zero bits in bf16 and fp16)
     return launch_result(cudaMemsetAsync(p.y, 0, size_t(p.m) * p.n * 2, stream));

@@ -106,6 +106,36 @@ __device__ __forceinline__ void wait(uint64_t* barrier, uint32_t phase) {
       : "memory");
 }
 
+// A ring of `slots` stages in shared memory, each completed on its barrier
+// (barriers[slot]); stage j lives in slot j % slots and completes phase
+// j / slots of that barrier. `ahead` stages load ahead: a slot is refilled
+// `slots - ahead` stages after it was read. load(j) is called by thread 0
+// only and must ask for stage j's tiles on barriers[j % slots].
+//
+// Thread 0 initializes the barriers and asks for the first stages; every
+// thread returns once the barriers are initialized.
+template <typename Load>
+__device__ __forceinline__ void start_ring(uint64_t* barriers, int slots, int ahead, int stages,
+                                           Load&& load) {
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < slots; ++i) init_barrier(barriers + i);
+    fence_init();
+    for (int i = 0; i < ahead && i < stages; ++i) load(i);
+  }
+  __syncthreads();
+}
+
+// Waits for stage j; then, every thread of the CTA being past its reads of
+// stage j + ahead - slots (the caller's warps must have finished their
+// wgmmas on it), refills that stage's slot with stage j + ahead.
+template <typename Load>
+__device__ __forceinline__ void begin_ring_stage(uint64_t* barriers, int slots, int ahead, int j,
+                                                 int stages, Load&& load) {
+  wait(barriers + j % slots, (j / slots) & 1);
+  __syncthreads();
+  if (threadIdx.x == 0 && j + ahead < stages) load(j + ahead);
+}
+
 }  // namespace tma
 }  // namespace jax_lowbit
 
