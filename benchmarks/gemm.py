@@ -42,6 +42,8 @@ BASELINES = ("bf16", "xla int4 g128")
 
 
 SAMPLES = 9
+
+
 def _timed(fn, args, passes: int) -> float:
     """Median GPU seconds per pass of ``fn`` (one call runs ``passes`` passes)."""
     return _timed_together({"fn": (fn, args, passes)})["fn"]["gpu"]
@@ -87,12 +89,12 @@ def _timed_together(calls: dict) -> dict:
     ``{"gpu": ..., "host": ...}``.
 
     "gpu" is the time from a call's first kernel start to its last kernel's
-    end, read from the JAX profiler: every kernel, launch gap and XLA op of
-    the call, but not the host's fixed work per jit call and per output
-    array, which the host timer ("host") also counts. That work grows with
-    the number of outputs (about 45 µs per pass of eight products on the
-    H100, see docs/perf.md), and a model run as one jit call does not have it
-    per product. The calls take turns within every sample round, so a slow
+    end, read from the JAX profiler: every kernel and every gap between
+    kernels, but not the host work of the jit call before and after its
+    kernels, which the host timer ("host") also counts. That work grows with
+    the products and arrays a call returns (about 42 µs per pass on the H100,
+    docs/perf.md v10), and a model's forward pass does not pay it per product.
+    The calls take turns within every sample round, so a slow
     spell of the GPU (clocks, a neighbour) hits all of them alike and the
     ratios between them stay fair.
     """
