@@ -56,10 +56,12 @@ def _gpu_call_spans(data, calls: int) -> list[float]:
     A call's GPU work starts after its host dispatch (a "PjitFunction" event)
     and, as every call is waited for, ends before the next dispatch.
     """
+    # The benchmark runs on the default device, GPU 0; other GPUs of the
+    # machine have planes of their own.
     hosts = [p for p in data.planes if p.name == "/host:CPU"]
-    gpus = [p for p in data.planes if p.name.startswith("/device:GPU")]
+    gpus = [p for p in data.planes if p.name == "/device:GPU:0"]
     if len(hosts) != 1 or len(gpus) != 1:
-        raise RuntimeError(f"expected one host and one GPU in the profile, found "
+        raise RuntimeError(f"expected the host and GPU 0 in the profile, found "
                            f"{[p.name for p in data.planes]}")
     dispatches, dispatch_end = [], None
     for start, end in sorted((e.start_ns, e.start_ns + e.duration_ns) for line in hosts[0].lines

@@ -18,14 +18,17 @@ def _event(name, start, duration):
 
 def _profile(dispatches, kernels):
     """A profile with host dispatch events (each with the nested twin JAX
-    records) and kernels on two GPU streams."""
+    records), kernels on two streams of GPU 0, and a busy second GPU."""
     host = [e for start, end in dispatches
             for e in (_event("PjitFunction(run)", start, end - start),
                       _event("PjitFunction(run)", start + 1, end - start - 2))]
     streams = [[_event("k", s, d) for s, d in kernels[i::2]] for i in range(2)]
+    # A second GPU's kernels overlap call 2; they are not the benchmark's.
+    other_gpu = [_event("k", 1100, 5000)]
     return NS(planes=[NS(name="/host:CPU", lines=[NS(name="python3", events=host)]),
                       NS(name="/device:GPU:0", lines=[NS(name=f"Stream #{i}", events=e)
-                                                      for i, e in enumerate(streams)])])
+                                                      for i, e in enumerate(streams)]),
+                      NS(name="/device:GPU:1", lines=[NS(name="Stream #0", events=other_gpu)])])
 
 
 def test_spans_run_from_first_to_last_kernel_of_each_call():
