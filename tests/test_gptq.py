@@ -90,12 +90,18 @@ def test_float_cross_targets_the_float_outputs(rng):
     plain, _ = gptq_quantize(w, hessian, 4, 64)
     targeted, _ = gptq_quantize(w, hessian, 4, 64, float_cross=input_hessian(x, x_float))
     undistorted, _ = gptq_quantize(w, hessian, 4, 64, float_cross=hessian)
-    # The same weight, up to float32 rounding of (H + d)^-1 H w: on a GPU
-    # (H100) that flipped a few codes at near-ties, and GPTQ's error feedback
-    # can carry a flip into the next rows of the column, so a moved code may
-    # move by more than a step (seed 2134277074: 0.4% moved, one by more than a step).
+    # The same weight, up to float32 rounding of (H + d)^-1 H w: rounding can
+    # flip a code at a near-tie, and GPTQ's error feedback carries the flip
+    # down the rest of that column (columns are quantized independently), so
+    # a column or two may differ in many codes (seeds 47 and 1150890735: one
+    # column, 1.5% and 0.6% of all codes) while the layer's error stays the same.
     moved = np.abs(np.asarray(undistorted.dequantize()) - np.asarray(plain.dequantize()))
-    assert np.mean(moved > 1e-6) <= 0.005
+    assert np.sum(np.any(moved > 1e-6, axis=0)) <= 2
+
+    def output_error(weight):
+        return np.linalg.norm(x @ np.asarray(weight.dequantize()) - x @ w)
+
+    assert abs(output_error(undistorted) / output_error(plain) - 1) < 0.01
     x_new, x_float_new = inputs(1024)
 
     def error(weight):
