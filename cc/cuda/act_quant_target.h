@@ -15,6 +15,7 @@
 
 #include "cuda/convert.cuh"
 #include "weight_shape.h"
+#include "cuda/handlers.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_lowbit {
@@ -47,18 +48,14 @@ struct ActQuantArgs {
 // their scales in the offsets slot; it is not read), y; attributes bits,
 // group_size, symmetric.
 inline auto act_quant_binding() {
-  return xla::ffi::Ffi::Bind()
-      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-      .Arg<xla::ffi::Buffer<xla::ffi::S8>>()
-      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-      .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
-      .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
-      .Arg<xla::ffi::AnyBuffer>()
-      .Arg<xla::ffi::AnyBuffer>()
-      .Ret<xla::ffi::AnyBuffer>()
-      .Attr<int32_t>("bits")
-      .Attr<int64_t>("group_size")
-      .Attr<bool>("symmetric");
+  return with_gemm_output(xla::ffi::Ffi::Bind()
+                              .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                              .Arg<xla::ffi::Buffer<xla::ffi::S8>>()
+                              .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                              .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                              .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
+                              .Arg<xla::ffi::AnyBuffer>()
+                              .Arg<xla::ffi::AnyBuffer>());
 }
 
 inline bool act_quant_float_type(xla::ffi::DataType type) {

@@ -14,6 +14,7 @@
 #include "cuda/small_m.cuh"
 #include "format.h"
 #include "weight_shape.h"
+#include "cuda/handlers.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_lowbit {
@@ -22,16 +23,12 @@ namespace jax_lowbit {
 // the offsets slot; it is not read), y (M, N); attributes bits, group_size,
 // symmetric.
 inline auto dense_gemm_binding() {
-  return xla::ffi::Ffi::Bind()
-      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-      .Arg<xla::ffi::AnyBuffer>()
-      .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
-      .Arg<xla::ffi::AnyBuffer>()
-      .Arg<xla::ffi::AnyBuffer>()
-      .Ret<xla::ffi::AnyBuffer>()
-      .Attr<int32_t>("bits")
-      .Attr<int64_t>("group_size")
-      .Attr<bool>("symmetric");
+  return with_gemm_output(xla::ffi::Ffi::Bind()
+                              .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                              .Arg<xla::ffi::AnyBuffer>()
+                              .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
+                              .Arg<xla::ffi::AnyBuffer>()
+                              .Arg<xla::ffi::AnyBuffer>());
 }
 
 // The checks of both targets: int2/int4 codes of a well-formed weight, and

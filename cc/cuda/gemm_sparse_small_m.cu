@@ -235,15 +235,12 @@ ffi::Error gemm_sparse_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x,
 
 // Symmetric weights pass their scales in the offsets slot; it is not read.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitSparseGemmSmallMCuda, jax_lowbit::gemm_sparse_small_m_impl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::U16>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Attr<int32_t>("bits")
-                                  .Attr<int64_t>("group_size")
-                                  .Attr<bool>("symmetric"),
+                              jax_lowbit::with_gemm_output(
+                                  xla::ffi::Ffi::Bind()
+                                      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                      .Arg<xla::ffi::AnyBuffer>()
+                                      .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
+                                      .Arg<xla::ffi::Buffer<xla::ffi::U16>>()
+                                      .Arg<xla::ffi::AnyBuffer>()
+                                      .Arg<xla::ffi::AnyBuffer>()),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -1,7 +1,25 @@
 #ifndef JAX_LOWBIT_CUDA_HANDLERS_H_
 #define JAX_LOWBIT_CUDA_HANDLERS_H_
 
+#include <cstdint>
+#include <utility>
+
 #include "xla/ffi/api/ffi.h"
+
+namespace jax_lowbit {
+
+// How every weight GEMM target's binding ends, after its inputs: the output y
+// and the weight's attributes bits, group_size and symmetric.
+template <typename Binding>
+auto with_gemm_output(Binding binding) {
+  return std::move(binding)
+      .template Ret<xla::ffi::AnyBuffer>()
+      .template Attr<int32_t>("bits")
+      .template Attr<int64_t>("group_size")
+      .template Attr<bool>("symmetric");
+}
+
+}  // namespace jax_lowbit
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowbitDequantizeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(LowbitGemmSmallMCuda);
