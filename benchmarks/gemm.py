@@ -189,12 +189,18 @@ def main():
     parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 32, 64, 256, 1024, 4096])
     parser.add_argument("--json")
     parser.add_argument("--plot")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="time only the methods whose names contain one of these (and the "
+                             "baselines, bf16 and xla int4)")
     args = parser.parse_args()
 
     device = jax.devices()[0]
     bandwidth = measure_bandwidth()
     print(f"device: {device.device_kind}; date {datetime.date.today()}; jax {jax.__version__}; "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+
+    def wanted(name):
+        return name in BASELINES or not args.only or any(part in name for part in args.only)
 
     key = jax.random.key(0)
     dense = [jax.random.normal(jax.random.fold_in(key, i), SUITE[i % 4], jnp.bfloat16) * 0.02
@@ -205,11 +211,16 @@ def main():
          jnp.full((w.shape[0] // GROUP, w.shape[1]), 0.005, jnp.bfloat16)) for w in dense]
     for bits, sym, sparsity in FORMATS:
         name = f"{sparsity + ' ' if sparsity else ''}int{bits} g{GROUP} {'sym' if sym else 'asym'}"
+        if not wanted(name):
+            continue
         weights[name] = [jax_lowbit.quantize(w, bits, GROUP, symmetric=sym, sparsity=sparsity)
                          for w in dense]
     for name, (bits, group) in ACT_QUANT_FORMATS.items():
+        if not wanted(name):
+            continue
         weights[name] = [jax_lowbit.quantize(w, bits, group) for w in dense]
-    weights[INT_MATMUL] = [_as_int8(w, 0.005) for w in dense]
+    if wanted(INT_MATMUL):
+        weights[INT_MATMUL] = [_as_int8(w, 0.005) for w in dense]
     layer_fns = {"bf16": _bf16_layer, "xla int4 g128": _xla_int4_layer, INT_MATMUL:
                  jax_lowbit.int_matmul, **{name: _act_quant_layer for name in ACT_QUANT_FORMATS}}
     floors = {name: sum(leaf.nbytes for w in ws[:4] for leaf in jax.tree.leaves(w)) / bandwidth

@@ -11,8 +11,10 @@ CPU: the C++ handler computes the int32 product (cc/cpu/int_matmul.cc); the
 float epilogue (IntEpilogue.apply) is elementwise XLA ops after the call.
 CUDA: int8 with 1 to 16 rows (KERNEL_MAX_ROWS), K and N multiples of 8: the
 int8 tensor-core kernel (cc/cuda/int_gemm_small_m.cu), which reads b in place;
-everything else (int4, more rows, other shapes, a build without the CUDA
-extension): XLA's own integer dot. Same epilogue after either.
+int8 with more rows, K and N multiples of 16, on sm_90 GPUs: the wgmma s8
+kernel (cc/cuda/int_gemm_large_m.cu), also reading a and b in place;
+everything else (int4, other shapes, other GPUs, a build without the CUDA
+extension): XLA's own integer dot. Same epilogue after any of them.
 
 int4 stays on XLA's dot on CUDA: the kernel cannot rely on an S4 layout the
 FFI API does not promise (above), and a widening pass to int8 before the call
@@ -73,20 +75,31 @@ KERNEL_K_MULTIPLE = 8
 KERNEL_N_MULTIPLE = 8
 
 
-def uses_int_kernel(dtype, rows: int, k: int, n: int) -> bool:
-    """Whether a CUDA int_matmul of ``rows`` rows of ``dtype`` runs the int8 kernel."""
-    return (jnp.dtype(dtype) == jnp.int8 and _extension.has_cuda()
-            and 1 <= rows <= KERNEL_MAX_ROWS and k > 0 and n > 0
-            and k % KERNEL_K_MULTIPLE == 0 and n % KERNEL_N_MULTIPLE == 0)
+# The wgmma kernel's range (sm_90): more rows than the small-M kernel takes,
+# K and N multiples of 16 (its TMA loads need rows of a multiple of 16 bytes).
+LARGE_M_MULTIPLE = 16
+
+
+def int_kernel(dtype, rows: int, k: int, n: int) -> str | None:
+    """The FFI target a CUDA int_matmul of ``rows`` rows of ``dtype`` runs, or None for XLA's dot."""
+    if jnp.dtype(dtype) != jnp.int8 or not _extension.has_cuda() or k <= 0 or n <= 0:
+        return None
+    if 1 <= rows <= KERNEL_MAX_ROWS and k % KERNEL_K_MULTIPLE == 0 and n % KERNEL_N_MULTIPLE == 0:
+        return "jax_lowbit_int_gemm_small_m"
+    if (rows > KERNEL_MAX_ROWS and k % LARGE_M_MULTIPLE == 0 and n % LARGE_M_MULTIPLE == 0
+            and _extension.cuda_devices_are_hopper()):
+        return "jax_lowbit_int_gemm_large_m"
+    return None
 
 
 def _int_matmul_cuda(a, b, *scales, epilogue: IntEpilogue):
     k, n = b.shape
     rows = math.prod(a.shape[:-1])
-    if uses_int_kernel(a.dtype, rows, k, n):
+    target = int_kernel(a.dtype, rows, k, n)
+    if target is not None:
         # ffi_call, not int_matmul_p: this runs inside the partitioned lowering.
-        acc = jax.ffi.ffi_call("jax_lowbit_int_gemm_small_m",
-                               jax.ShapeDtypeStruct((rows, n), jnp.int32))(a.reshape(rows, k), b)
+        acc = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), jnp.int32))(
+            a.reshape(rows, k), b)
         acc = acc.reshape(a.shape[:-1] + (n,))
     else:
         acc = xla_integer_dot(a, b)

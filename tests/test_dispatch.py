@@ -98,22 +98,29 @@ def test_other_cases_dequantize_then_dot(case, rng, monkeypatch):
 
 
 INT_KERNEL = {"jax_lowbit_int_gemm_small_m"}
+INT_LARGE_M = {"jax_lowbit_int_gemm_large_m"}
 
 
 @pytest.mark.parametrize("a_shape, n", [
     ((1, 4096), 4096), ((16, 4096), 6144), ((16, 14336), 4096), ((9, 104), 72), ((2, 3, 64), 8),
     ((4096,), 8)])
-def test_int_matmul_small_m_uses_int_kernel(a_shape, n):
+def test_int_matmul_small_m_uses_int_kernel(a_shape, n, hopper):
     assert int_matmul_cuda_targets(a_shape, n) == INT_KERNEL
 
 
-@pytest.mark.parametrize("case", ["too many rows", "int4", "K not a multiple of 8",
-                                  "N not a multiple of 8", "N odd", "no rows"])
-def test_int_matmul_other_cases_use_xla_dot(case):
+@pytest.mark.parametrize("a_shape, n", [
+    ((17, 256), 64), ((64, 4096), 4096), ((4096, 14336), 4096), ((3, 100, 48), 16)])
+def test_int_matmul_large_m_uses_wgmma_kernel_on_sm90(a_shape, n, hopper):
+    assert int_matmul_cuda_targets(a_shape, n) == (INT_LARGE_M if hopper else set())
+
+
+@pytest.mark.parametrize("case", ["int4", "K not a multiple of 8", "N not a multiple of 8",
+                                  "N odd", "no rows", "more rows, K not a multiple of 16",
+                                  "more rows, N not a multiple of 16"])
+def test_int_matmul_other_cases_use_xla_dot(case, hopper):
     a_shape, n, dtype = (16, 256), 64, jnp.int8
-    if case == "too many rows":
-        a_shape = (int_lowering.KERNEL_MAX_ROWS + 1, 256)
-    elif case == "int4":
+    more_rows = int_lowering.KERNEL_MAX_ROWS + 1
+    if case == "int4":
         dtype = jnp.int4
     elif case == "K not a multiple of 8":
         a_shape = (16, 100)
@@ -121,6 +128,10 @@ def test_int_matmul_other_cases_use_xla_dot(case):
         n = 68
     elif case == "N odd":
         n = 33
-    else:
+    elif case == "no rows":
         a_shape = (0, 256)
+    elif case == "more rows, K not a multiple of 16":
+        a_shape = (more_rows, 104)
+    else:
+        a_shape, n = (more_rows, 256), 72
     assert int_matmul_cuda_targets(a_shape, n, dtype) == set()

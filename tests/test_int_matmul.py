@@ -1,5 +1,7 @@
 """int_matmul: exact against numpy int64, scaled epilogue, transforms, export, errors."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -201,14 +203,23 @@ def test_cuda_lowers_int4_to_xla_integer_dot(rng):
     assert "-> tensor<4x16xi32>" in text
 
 
-# --- the CUDA int8 kernel (M <= 16; cc/cuda/int_gemm_small_m.cu) -----------------
+# --- the CUDA int8 kernels (cc/cuda/int_gemm_small_m.cu for M <= 16,
+# cc/cuda/int_gemm_large_m.cu above on sm_90) -----------------------------------------
 
-KERNEL_MS = [1, 9, 16, 17, 64]  # 17 and 64: above the kernel (KERNEL_MAX_ROWS), XLA's dot
-# 104 and 16 + 8: K not a multiple of the kernel's 32-row step (handled in the
-# kernel); 100: not a multiple of 8 (XLA's dot). 16384: the largest LLM K.
+KERNEL_MS = [1, 9, 16, 17, 64]  # 17 and 64: the large-M kernel on sm_90
+# 104 and 16 + 8: K not a multiple of the small-M kernel's 32-row step (handled
+# in the kernel; 24 and 104 go to XLA's dot above 16 rows: not multiples of
+# 16); 100: not a multiple of 8 (XLA's dot). 16384: the largest LLM K.
 KERNEL_KS = [24, 100, 104, 4096, 16384]
-# 8: one lane's columns; 72 and 200: not a multiple of the CTA's 64; 33: odd (XLA's dot).
+# 8: one lane's columns; 72 and 200: not a multiple of the CTA's 64 (nor of
+# 16: XLA's dot above 16 rows); 33: odd (XLA's dot).
 KERNEL_NS = [8, 33, 72, 200]
+# The large-M kernel: 128-row tiles below 1024 rows, 256 at and above; rows
+# not a multiple of the tile; K of one partial stage (16, 48), many stages, a
+# partial last stage (4096 + 80); N not a multiple of its 128-column tile.
+LARGE_M_MS = [17, 130, 300, 1024, 1100]
+LARGE_M_KS = [16, 48, 4176, 16384]
+LARGE_M_NS = [16, 48, 272]
 
 
 def _poisoned_int_matmul(ja, jb):
@@ -218,9 +229,9 @@ def _poisoned_int_matmul(ja, jb):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", KERNEL_MS)
-@pytest.mark.parametrize("k", KERNEL_KS)
-@pytest.mark.parametrize("n", KERNEL_NS)
+@pytest.mark.parametrize("m, k, n", [
+    *itertools.product(KERNEL_MS, KERNEL_KS, KERNEL_NS),
+    *itertools.product(LARGE_M_MS, LARGE_M_KS, LARGE_M_NS)])
 def test_gpu_kernel_writes_every_element_exactly(m, k, n, rng):
     a, b, ja, jb = _operands(rng, (m, k), n, jnp.int8)
     np.testing.assert_array_equal(_poisoned_int_matmul(ja, jb), a @ b)
@@ -229,12 +240,12 @@ def test_gpu_kernel_writes_every_element_exactly(m, k, n, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("lead", [(2, 3), (4, 1, 16)])
 def test_gpu_kernel_leading_dims(lead, rng):
-    a, b, ja, jb = _operands(rng, lead + (1024,), 136, jnp.int8)
+    a, b, ja, jb = _operands(rng, lead + (1024,), 144, jnp.int8)
     np.testing.assert_array_equal(_poisoned_int_matmul(ja, jb), a @ b)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 16, 64])  # 64: XLA's dot
+@pytest.mark.parametrize("m", [1, 16, 64, 1024])  # 64, 1024: the large-M kernel (sm_90)
 @pytest.mark.parametrize("sign", [1, -1])
 def test_gpu_kernel_extreme_sums(m, sign):
     # Every product is the largest of its sign, 16384 * 2^14 = 2^28, in every
@@ -246,17 +257,19 @@ def test_gpu_kernel_extreme_sums(m, sign):
 
 
 @pytest.mark.gpu
-def test_gpu_kernel_sums_wrap_like_xla_dot():
-    # As test_sums_past_int32_wrap_like_xla_dot, with N = 8 so the kernel takes it.
+@pytest.mark.parametrize("m, n", [(1, 8), (17, 16)])  # each kernel
+def test_gpu_kernel_sums_wrap_like_xla_dot(m, n):
+    # As test_sums_past_int32_wrap_like_xla_dot, with shapes the kernels take.
     k = 2**17 + 1024
-    a, b = jnp.full((1, k), -128, jnp.int8), jnp.full((k, 8), -128, jnp.int8)
+    a, b = jnp.full((m, k), -128, jnp.int8), jnp.full((k, n), -128, jnp.int8)
     np.testing.assert_array_equal(np.asarray(jax_lowbit.int_matmul(a, b), np.int64),
-                                  np.full((1, 8), k * 2**14 - 2**32))
+                                  np.full((m, n), k * 2**14 - 2**32))
 
 
 @pytest.mark.gpu
-def test_gpu_kernel_runs_are_identical(rng):
-    _, _, ja, jb = _operands(rng, (13, 4096), 4096, jnp.int8)
+@pytest.mark.parametrize("m", [13, 300])
+def test_gpu_kernel_runs_are_identical(m, rng):
+    _, _, ja, jb = _operands(rng, (m, 4096), 4096, jnp.int8)
     f = jax.jit(jax_lowbit.int_matmul)
     first = np.asarray(f(ja, jb))
     for _ in range(3):

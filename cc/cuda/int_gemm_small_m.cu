@@ -40,6 +40,7 @@
 
 #include "cuda/cluster_split.cuh"
 #include "cuda/handlers.h"
+#include "cuda/int_gemm_target.h"
 #include "cuda/launch_status.h"
 #include "cuda/mma_fragments.cuh"
 #include "xla/ffi/api/ffi.h"
@@ -75,16 +76,10 @@ __device__ __forceinline__ int sum_index(int row, int col) {
   return row * kSumStride + col + (col >> 5);
 }
 
-struct IntParams {
-  const int8_t* a;  // (m, k)
-  const int8_t* b;  // (k, n)
-  int32_t* y;       // (m, n)
-  int m, k, n;
-};
 
 template <int kMTiles>
 __global__ void __launch_bounds__(kThreads, IntConfig<kMTiles>::kCtasPerSm)
-    int_gemm_small_m_kernel(const IntParams p) {
+    int_gemm_small_m_kernel(const IntGemmArgs p) {
   constexpr int kUnroll = IntConfig<kMTiles>::kUnroll;
   constexpr int kRows = 8 * kMTiles;
   __shared__ int32_t sums[kRows * kSumStride];
@@ -194,7 +189,7 @@ __global__ void __launch_bounds__(kThreads, IntConfig<kMTiles>::kCtasPerSm)
 }
 
 template <int kMTiles>
-cudaError_t launch(const IntParams& p, cudaStream_t stream) {
+cudaError_t launch(const IntGemmArgs& p, cudaStream_t stream) {
   constexpr auto kKernel = int_gemm_small_m_kernel<kMTiles>;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -211,21 +206,10 @@ cudaError_t launch(const IntParams& p, cudaStream_t stream) {
 
 ffi::Error int_gemm_small_m_impl(cudaStream_t stream, ffi::Buffer<ffi::S8> a,
                                  ffi::Buffer<ffi::S8> b, ffi::Result<ffi::Buffer<ffi::S32>> y) {
-  const auto a_dims = a.dimensions();
-  const auto b_dims = b.dimensions();
-  const auto y_dims = y->dimensions();
-  if (a_dims.size() != 2 || b_dims.size() != 2 || y_dims.size() != 2 || a_dims[1] != b_dims[0] ||
-      y_dims[0] != a_dims[0] || y_dims[1] != b_dims[1]) {
-    return ffi::Error::InvalidArgument("int_gemm_small_m: needs a (M, K), b (K, N), y (M, N)");
-  }
-  const int64_t m = a_dims[0], k = a_dims[1], n = b_dims[1];
-  if (m > kMaxRows || k % 8 != 0 || n % 8 != 0 || k > INT32_MAX / 2 || n > INT32_MAX / 2) {
-    return ffi::Error::InvalidArgument(
-        "int_gemm_small_m: needs M <= 16, K % 8 == 0 and N % 8 == 0");
-  }
-  if (m == 0 || n == 0) return ffi::Error::Success();
-  const IntParams p{a.typed_data(), b.typed_data(), y->typed_data(), static_cast<int>(m),
-                    static_cast<int>(k), static_cast<int>(n)};
+  IntGemmArgs p;
+  const ffi::Error error = int_gemm_problem("int_gemm_small_m", a, b, y, kMaxRows, 8, p);
+  if (error.failure()) return error;
+  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
   // One 8-row M tile, or two.
   return launch_status(p.m <= 8 ? launch<1>(p, stream) : launch<2>(p, stream),
                        "int_gemm_small_m");
@@ -235,9 +219,5 @@ ffi::Error int_gemm_small_m_impl(cudaStream_t stream, ffi::Buffer<ffi::S8> a,
 }  // namespace jax_lowbit
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitIntGemmSmallMCuda, jax_lowbit::int_gemm_small_m_impl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S8>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S8>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>(),
+                              jax_lowbit::int_gemm_binding(),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -2,7 +2,8 @@
 // fragments: the m16n8k16 instruction (and the 2:4 sparse m16n8k32 one) per
 // activation type, the magic-number conversion of a code pair, the streaming
 // load of the code words, and for int8 activations the m16n8k32 s8
-// instruction with the codes' signed bytes.
+// instruction with the codes' signed bytes; ldmatrix for operands that
+// need a transpose on the way to registers.
 #ifndef JAX_LOWBIT_CUDA_MMA_FRAGMENTS_CUH_
 #define JAX_LOWBIT_CUDA_MMA_FRAGMENTS_CUH_
 
@@ -236,6 +237,16 @@ __device__ __forceinline__ void transpose_bytes_4x4(const uint32_t (&r)[4], uint
   out[1] = __byte_perm(r01_lo, r23_lo, 0x7632);
   out[2] = __byte_perm(r01_hi, r23_hi, 0x5410);
   out[3] = __byte_perm(r01_hi, r23_hi, 0x7632);
+}
+
+// ldmatrix.x4.trans of 16-bit elements from shared memory (sm_75+): four
+// 8x8 matrices, row addresses from lanes 8j .. 8j + 7 for matrix j; lane
+// (g, t) gets the elements of rows 2t and 2t + 1 at column g of each matrix
+// (low half: row 2t), one register per matrix.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t shared_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address));
 }
 
 }  // namespace jax_lowbit

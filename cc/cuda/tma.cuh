@@ -66,10 +66,12 @@ inline bool map_2d(CUtensorMap* map, const void* base, int element_bytes, uint64
 
 // --- device -------------------------------------------------------------------
 
-// A barrier that one arrival (the thread asking for the loads) and the
-// loads' bytes complete; fence_init makes it visible to the TMA unit.
-__device__ __forceinline__ void init_barrier(uint64_t* barrier) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(shared_address(barrier)));
+// A barrier that `arrivals` arrivals complete (by default one: the thread
+// asking for the loads, whose bytes complete it too); fence_init makes it
+// visible to the TMA unit.
+__device__ __forceinline__ void init_barrier(uint64_t* barrier, int arrivals = 1) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(barrier)),
+               "r"(arrivals));
 }
 __device__ __forceinline__ void fence_init() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -80,6 +82,12 @@ __device__ __forceinline__ void expect_bytes(uint64_t* barrier, uint32_t bytes) 
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
                    shared_address(barrier)),
                "r"(bytes)
+               : "memory");
+}
+
+// One arrival on the barrier's current phase (a consumer done with a slot).
+__device__ __forceinline__ void arrive(uint64_t* barrier) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(shared_address(barrier))
                : "memory");
 }
 
