@@ -30,10 +30,14 @@
 //    stage is 128 rows of K, 4 wgmma steps: a 32-row group ends at every
 //    step, a 128-row group once per stage. One group (group_size -1) keeps
 //    its s32 sum to the end, which then gives the CPU handler's bits.
-//    Measured limit (docs/perf.md, v9): the kernel is latency-bound; the two
-//    warpgroups form their terms at the same time (one CTA barrier per
-//    stage), while the tensor cores idle.
-//  * Operands arrive by TMA (tma.cuh) in a ring of kStages stages: xq
+//  * Operands arrive by TMA (tma.cuh) in a ring of kStages stages, asked
+//    for by the first lane of a producer warp beside the two warpgroups. A
+//    slot is refilled once every consumer warp has arrived on its "empty"
+//    barrier, so the warpgroups never wait for each other: one forms its
+//    group terms while the other's wgmmas run. (Up to v11 thread 0 loaded
+//    between its wgmmas and a CTA barrier per stage kept the warpgroups in
+//    lockstep: both formed their terms at once while the tensor cores idled,
+//    docs/perf.md v9.) The stage: xq
 //    (kRows rows of 128 bytes, the wgmma 128-byte swizzle), the code words of
 //    the stage and the rows of scales (and offsets) of its groups; rows past
 //    M and columns past N arrive as zeros. t (asymmetric only) is read from
@@ -67,7 +71,8 @@ namespace {
 
 namespace ffi = xla::ffi;
 
-constexpr int kThreads = 256;    // two warpgroups
+constexpr int kConsumerThreads = 256;            // two warpgroups
+constexpr int kThreads = kConsumerThreads + 32;  // and the producer warp
 constexpr int kColumns = 128;    // output columns per CTA, 64 per warpgroup
 constexpr int kStageK = 128;     // rows of K per stage: one 128-byte row of xq
 constexpr int kStepK = 32;       // rows of K per wgmma
@@ -78,8 +83,7 @@ constexpr int kMinStagesPerSplit = 4;
 constexpr int kFixedStages = 3;
 constexpr int kMaxSharedBytes = 227 * 1024;  // per CTA on sm_90
 
-// Rows of x per CTA (the wgmma N) and ring slots (kStages - 3 stages load
-// ahead). With groups a lane holds s32 and f32 accumulators, kRows / 2 each,
+// Rows of x per CTA (the wgmma N) and ring slots (all load ahead). With groups a lane holds s32 and f32 accumulators, kRows / 2 each,
 // which leaves room for 128 rows. (One group needs no f32 ones, but 256 rows
 // ran slower on the H100: 4.2 against 3.8 ms on the suite at M = 4096, 252
 // against 188 us at 64; docs/perf.md.) A stage is a quarter of
@@ -103,7 +107,7 @@ struct StageLayout {
   static constexpr int kBytes = (kOffsetOffset + kScaleRows * kScaleRowBytes + 1023) / 1024 * 1024;
   static constexpr int kStages = (kMaxSharedBytes - 1024) / kBytes;
   static constexpr int kBarrierOffset = kStages * kBytes;
-  static constexpr int kSharedBytes = kBarrierOffset + kStages * 8;
+  static constexpr int kSharedBytes = kBarrierOffset + 2 * kStages * 8;  // full and empty
   static_assert(split_bytes(kRows) <= kBarrierOffset, "split partials fit in the ring");
 };
 
@@ -171,54 +175,42 @@ __global__ void __launch_bounds__(kThreads, 1)
   float facc[kOneGroup ? 1 : kAccumulators];
 #pragma unroll
   for (int i = 0; i < (kOneGroup ? 1 : kAccumulators); ++i) facc[i] = 0.f;
-  // A register sets: with groups two stages' worth, so that the set of step
-  // s + 1 is filled while the wgmmas of steps s - 6 .. s run (three wgmmas in
-  // flight, as in gemm_large_m.cu, whose wgmmas take four times as long, left
-  // the kernel waiting on them; docs/perf.md). With one group, whose wgmma
-  // pipeline never drains, ptxas serialized the wgmmas at that depth: one
-  // stage's worth, steps s - 2 .. s.
-  constexpr int kSets = kOneGroup ? kSteps : 2 * kSteps;
-  // Stages whose wgmmas may still run when the next stage begins.
-  constexpr int kStagesInFlight = kSets / kSteps;
-  uint32_t a[kSets][4];
+  // Two A register sets: the set of step s + 1 is filled once the wgmma of
+  // step s - 1 is done, while step s's runs.
+  uint32_t a[2][4];
 
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBarrierOffset);
+  uint64_t* empty = full + kStages;
   const uint32_t stage_bytes =
       L::kXBytes + L::kWordRows * L::kCodeRowBytes +
       (kOneGroup ? 0 : (kSymmetric ? 1 : 2) * scale_rows * kColumns * scale_bytes);
-  auto load = [&](int j) {  // thread 0 only
-    char* stage = smem + (j % kStages) * L::kBytes;
-    uint64_t* barrier = full + j % kStages;
-    const int k0 = (first + j) * kStageK;
-    tma::expect_bytes(barrier, stage_bytes);
-    tma::load_2d(stage, &maps.x, row0, k0, barrier);
-    tma::load_2d(stage + L::kCodeOffset, &maps.codes, k0 / L::kPerWord, col0, barrier);
-    if (!kOneGroup) {
-      const int scale_row = k0 / kStepK / group_steps;
-      tma::load_2d(stage + L::kScaleOffset, &maps.scales, scale_row, col0, barrier);
-      if (!kSymmetric) {
-        tma::load_2d(stage + L::kOffsetOffset, &maps.offsets, scale_row, col0, barrier);
-      }
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kStages; ++i) {
+      tma::init_barrier(full + i);
+      tma::init_barrier(empty + i, kConsumerThreads / 32);
     }
-  };
-  // At stage j both warpgroups are past the wgmmas of stage j - 1 -
-  // kStagesInFlight and its A registers: its slot is refilled then.
-  constexpr int kAhead = kStages - 1 - kStagesInFlight;
-  tma::start_ring(full, kStages, kAhead, stages, load);
-  auto begin_stage = [&](int j) {
-    tma::begin_ring_stage(full, kStages, kAhead, j, stages, load);
-  };
+    tma::fence_init();
+  }
+  __syncthreads();
   // The A registers of step `step` of a stage.
-  auto widen = [&](const char* stage, int step, uint32_t(&frag)[4]) {
+  // In two parts: the code words' shared loads are issued before the wait
+  // for the wgmma of the step before, so that their latency (their 4 K rows
+  // of a lane lie 512 bytes apart, a 4-way bank conflict) overlaps it.
+  auto fetch = [&](const char* stage, int step, uint2(&words)[2]) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       // K rows 32 step + 16 half + 4t .. + 3 of the stage.
       const int row = kStepK * step + 16 * half + 4 * t;
-      const uint2 words = *reinterpret_cast<const uint2*>(
+      words[half] = *reinterpret_cast<const uint2*>(
           stage + L::kCodeOffset + (row / L::kPerWord) * L::kCodeRowBytes + 4 * column);
-      const bool upper = row % L::kPerWord != 0;
-      frag[2 * half] = a_register<kBits>(words.x, upper);
-      frag[2 * half + 1] = a_register<kBits>(words.y, upper);
+    }
+  };
+  auto widen = [&](int step, const uint2(&words)[2], uint32_t(&frag)[4]) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const bool upper = (kStepK * step + 16 * half + 4 * t) % L::kPerWord != 0;
+      frag[2 * half] = a_register<kBits>(words[half].x, upper);
+      frag[2 * half + 1] = a_register<kBits>(words[half].y, upper);
     }
   };
   // After the last step of group `group_index` (step `step` of `stage`): its
@@ -257,43 +249,75 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
-  begin_stage(0);
-  widen(smem, 0, a[0]);
-  // Stages in pairs, so that every A set index is known at compile time.
-  for (int pair = 0; pair < stages; pair += 2) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int j = pair + half;
-      if (half == 1 && j >= stages) break;
+  if (threadIdx.x >= kConsumerThreads) {  // the producer warp
+    if (threadIdx.x == kConsumerThreads) {
+      for (int j = 0; j < stages; ++j) {
+        const int slot = j % kStages;
+        // The slot's previous stage, j - kStages, was released by every consumer warp.
+        if (j >= kStages) tma::wait(empty + slot, (j / kStages - 1) & 1);
+        char* stage = smem + slot * L::kBytes;
+        const int k0 = (first + j) * kStageK;
+        tma::expect_bytes(full + slot, stage_bytes);
+        tma::load_2d(stage, &maps.x, row0, k0, full + slot);
+        tma::load_2d(stage + L::kCodeOffset, &maps.codes, k0 / L::kPerWord, col0, full + slot);
+        if (!kOneGroup) {
+          const int scale_row = k0 / kStepK / group_steps;
+          tma::load_2d(stage + L::kScaleOffset, &maps.scales, scale_row, col0, full + slot);
+          if (!kSymmetric) {
+            tma::load_2d(stage + L::kOffsetOffset, &maps.offsets, scale_row, col0, full + slot);
+          }
+        }
+      }
+    }
+    if (splits == 1) return;  // else the warp joins the cluster's barriers below
+  } else {
+    const int lane = threadIdx.x % 32;
+    tma::wait(full, 0);
+    uint2 words[2];
+    fetch(smem, 0, words);
+    widen(0, words, a[0]);
+    for (int j = 0; j < stages; ++j) {
       const char* stage = smem + (j % kStages) * L::kBytes;
       const uint32_t x_base = shared_address(stage);
 #pragma unroll
       for (int step = 0; step < kSteps; ++step) {
-        const int set = (half * kSteps + step) % kSets, next_set = (set + 1) % kSets;
+        const int set = step % 2;
         const int global_step = (first + j) * kSteps + step;
         const bool starts_group =
-            kOneGroup ? pair + half + step == 0 : (global_step & (group_steps - 1)) == 0;
+            kOneGroup ? j + step == 0 : (global_step & (group_steps - 1)) == 0;
+        const bool ends_group = !kOneGroup && ((global_step + 1) & (group_steps - 1)) == 0;
         // B: rows 32 step .. + 31 of K, 32 bytes into every 128-byte row of xq.
-        const uint64_t desc = wgmma::descriptor_sw128(x_base + 32 * step);
         wgmma::fence();
-        wgmma::Mma<int8_t>::mma(iacc, a[set], desc, !starts_group);
+        wgmma::Mma<int8_t>::mma(iacc, a[set], wgmma::descriptor_sw128(x_base + 32 * step),
+                                !starts_group);
         wgmma::commit();
+        const bool more = step + 1 < kSteps || j + 1 < stages;
         if (step + 1 < kSteps) {
-          widen(stage, step + 1, a[next_set]);
-        } else if (j + 1 < stages) {
-          begin_stage(j + 1);
-          widen(smem + ((j + 1) % kStages) * L::kBytes, 0, a[next_set]);
+          fetch(stage, step + 1, words);
+        } else if (more) {
+          tma::wait(full + (j + 1) % kStages, ((j + 1) / kStages) & 1);
+          fetch(smem + ((j + 1) % kStages) * L::kBytes, 0, words);
         }
-        if (!kOneGroup && ((global_step + 1) & (group_steps - 1)) == 0) {
+        // The stage before is done with (its wgmmas, and its group terms formed
+        // below), and the A set of the next step is filled.
+        auto advance = [&] {
+          if (step == 0 && j > 0 && lane == 0) tma::arrive(empty + (j - 1) % kStages);
+          if (more) widen((step + 1) % kSteps, words, a[1 - set]);
+        };
+        // One branch waits for all wgmmas and reads the accumulators: ptxas
+        // serializes every wgmma if a path reaches such reads without that wait.
+        if (ends_group) {
           wgmma::wait<0>();
+          advance();
           add_group(stage, step, global_step / group_steps);
         } else {
-          wgmma::wait<kSets - 2>();  // the wgmmas of kSets - 2 steps back are done
+          wgmma::wait<1>();  // the wgmma of the step before is done, and its A set free
+          advance();
         }
       }
     }
+    wgmma::wait<0>();
   }
-  wgmma::wait<0>();
 
   // y[m, col] from a column's sum: the f32 sum of groups, or with one group
   // the s32 sum of which the single term is formed (acc = 0 + term).
@@ -320,32 +344,55 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kOneGroup) {
       const int32_t(&sums)[1][kAccumulators] =
           *reinterpret_cast<const int32_t(*)[1][kAccumulators]>(&iacc);
-      add_split_partials<kThreads>(sums, smem, rows, column, finish_quad);
+      add_split_partials<kConsumerThreads>(sums, smem, rows, column, finish_quad);
     } else {
       const float(&sums)[1][kAccumulators] =
           *reinterpret_cast<const float(*)[1][kAccumulators]>(&facc);
-      add_split_partials<kThreads>(sums, smem, rows, column, finish_quad);
+      add_split_partials<kConsumerThreads>(sums, smem, rows, column, finish_quad);
     }
     return;
   }
+  // Without a split each lane stores its own two columns: their scales are
+  // loaded once, each row's pair is one store, and the output type is
+  // chosen once (per element, the loads and type switches of `finish` made
+  // the epilogue ~9000 instructions, 43% of the kernel's time at M = 4096).
   const int col = col0 + column;
   if (col >= p.n) return;  // N % 8 == 0: both columns or neither
+  float scale[2] = {0.f, 0.f}, offset[2] = {0.f, 0.f};
 #pragma unroll
-  for (int i = 0; i < kAccumulators; i += 4) {
+  for (int c = 0; c < 2; ++c) {
+    if (kOneGroup) scale[c] = load_float(p.scales, col + c, p.scale_type);
+    if (kOneGroup && !kSymmetric) offset[c] = load_float(p.offsets, col + c, p.scale_type);
+  }
+  auto store_rows = [&](auto out) {
+    using Out = decltype(out);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int m = 8 * (i / 4) + 2 * t + h;
-      if (m >= rows) continue;
+    for (int i = 0; i < kAccumulators; i += 4) {
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int r = i + 2 * c + h;
-        if constexpr (kOneGroup) {
-          finish(row0 + m, col + c, iacc[r]);
-        } else {
-          finish(row0 + m, col + c, facc[r]);
+      for (int h = 0; h < 2; ++h) {
+        const int m = row0 + 8 * (i / 4) + 2 * t + h;
+        if (m >= row0 + rows) continue;
+        const int32_t sum_x = kOneGroup && !kSymmetric ? p.group_sums[m] : 0;
+        float v[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int r = i + 2 * c + h;
+          if constexpr (kOneGroup) {
+            v[c] = add_rn(0.f, group_term(iacc[r] >> kShift, sum_x, kBits, kSymmetric, scale[c],
+                                          offset[c]));
+          } else {
+            v[c] = facc[r];
+          }
+          v[c] = mul_rn(v[c], p.x_scales[m]);
         }
+        store_output_pair<Out>(p.y, int64_t(m) * p.n + col, v[0], v[1]);
       }
     }
+  };
+  switch (p.out_type) {
+    case FloatType::kF32: store_rows(float{}); break;
+    case FloatType::kBF16: store_rows(__nv_bfloat16{}); break;
+    case FloatType::kF16: store_rows(__half{}); break;
   }
 #else
   __trap();  // the handler launches this kernel only on sm_90

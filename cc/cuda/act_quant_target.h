@@ -136,6 +136,15 @@ __device__ __forceinline__ void store_output(void* y, int64_t i, float v, FloatT
   }
 }
 
+// y[i], y[i + 1] = v0, v1 as Out (rounded to nearest even), i even: one store.
+template <typename Out>
+__device__ __forceinline__ void store_output_pair(void* y, int64_t i, float v0, float v1) {
+  struct alignas(2 * sizeof(Out)) Pair {
+    Out v[2];
+  };
+  *reinterpret_cast<Pair*>(static_cast<Out*>(y) + i) = Pair{{from_float<Out>(v0), from_float<Out>(v1)}};
+}
+
 }  // namespace jax_lowbit
 
 #endif  // JAX_LOWBIT_CUDA_ACT_QUANT_TARGET_H_

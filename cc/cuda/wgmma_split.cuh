@@ -41,7 +41,9 @@ constexpr int split_bytes(int rows) { return rows * kSplitStride * 4; }
 // every CTA writes its partials (kRows x 128) over its ring, then each CTA
 // adds an equal share of them across the cluster and passes each sum of four
 // adjacent columns to finish(b, row, column, sums) (row < rows, column a
-// multiple of 4, both relative to the tile). A distributed shared memory load
+// multiple of 4, both relative to the tile). The accumulators are those of
+// threads 0 .. kThreads - 1; threads past them (a producer warp) only join
+// the barriers. A distributed shared memory load
 // takes a few hundred cycles: a thread adds four columns at a time and issues
 // the loads of two such quads from every CTA before it adds (one float at a
 // time, this epilogue cost about 20 us a CTA, docs/perf.md).
@@ -60,6 +62,7 @@ __device__ __forceinline__ void add_split_partials(const V (&acc)[kBlocks][kAccu
   const int quads = rows * kQuads;
   const int first = quads * rank / splits, last = quads * (rank + 1) / splits;
   V* partial = reinterpret_cast<V*>(smem);
+  const bool adds = threadIdx.x < kThreads;
   __syncthreads();  // no warp still reads its last stage (no loads are in flight)
 #pragma unroll
   for (int b = 0; b < kBlocks; ++b) {
@@ -67,7 +70,7 @@ __device__ __forceinline__ void add_split_partials(const V (&acc)[kBlocks][kAccu
     // local + 1) at MMA column (tile row) 8q + 2t + h.
     const int t = threadIdx.x % 4;
 #pragma unroll
-    for (int i = 0; i < kRows / 2; i += 4) {
+    for (int i = 0; i < (adds ? kRows / 2 : 0); i += 4) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int m = 8 * (i / 4) + 2 * t + h;
@@ -76,7 +79,7 @@ __device__ __forceinline__ void add_split_partials(const V (&acc)[kBlocks][kAccu
       }
     }
     cluster.sync();  // every CTA's partials are written
-    for (int q0 = first + int(threadIdx.x); q0 < last; q0 += kBatch * kThreads) {
+    for (int q0 = first + int(threadIdx.x); adds && q0 < last; q0 += kBatch * kThreads) {
       SplitQuad<V> part[kBatch][kMaxSplits];
 #pragma unroll
       for (int e = 0; e < kBatch; ++e) {
