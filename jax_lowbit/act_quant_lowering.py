@@ -3,10 +3,9 @@
 CPU: one C++ handler quantizes x and computes the product
 (cc/cpu/act_quant_matmul.cc); x, scales and offsets cross as float32.
 CUDA: a pre-pass kernel quantizes x (cc/cuda/quantize_rows.cu), then
- - on sm_90 GPUs, from LARGE_M_MIN_ROWS rows on (one group: up to
-   LARGE_M_ONE_GROUP_MAX_ROWS) with K a multiple of 128 and N of 8: the wgmma
-   s8 kernel (cc/cuda/act_quant_gemm_large_m.cu), tiles of 128 rows x 128
-   columns;
+ - on sm_90 GPUs, from LARGE_M_MIN_ROWS rows on, with K a multiple of 128
+   and N of 8: the wgmma s8 kernel (cc/cuda/act_quant_gemm_large_m.cu),
+   tiles of 128 rows x 128 columns;
  - else the int8 mma.sync kernel (cc/cuda/act_quant_gemm.cu) reads the packed
    codes in place: every M with groups (CTAs of 32 rows, each reading the
    whole weight, so large M re-reads it M / 32 times), and M <= 32 with one
@@ -69,17 +68,12 @@ LARGE_M_K_MULTIPLE = 128
 LARGE_M_N_MULTIPLE = 8
 # Above the mma.sync kernel's one row tile, which reads the weight once.
 LARGE_M_MIN_ROWS = KERNEL_ROWS + 1
-# One group (per-channel scales) above this many rows: XLA's integer dot was
-# faster on the H100 (suite at M = 4096: 0.90x of bf16 against the kernel's
-# 0.65x; at 1024 the kernel's 0.84x against 0.78x; docs/perf.md).
-LARGE_M_ONE_GROUP_MAX_ROWS = 2048
 
 
 def uses_large_m_kernel(fmt: WeightFormat, rows: int) -> bool:
     """Whether a CUDA act_quant_matmul of ``rows`` rows runs the wgmma s8 kernel (sm_90)."""
     k, n = fmt.shape
-    max_rows = LARGE_M_ONE_GROUP_MAX_ROWS if _groups(fmt) == 1 else math.inf
-    return (LARGE_M_MIN_ROWS <= rows <= max_rows and k > 0 and k % LARGE_M_K_MULTIPLE == 0
+    return (LARGE_M_MIN_ROWS <= rows and k > 0 and k % LARGE_M_K_MULTIPLE == 0
             and n % LARGE_M_N_MULTIPLE == 0 and _extension.cuda_devices_are_hopper())
 
 

@@ -212,8 +212,7 @@ INTEGER_DOT = {"jax_lowbit_quantize_rows"}
     (32, 256, 64, 8, -1, KERNEL, KERNEL),
     (33, 256, 64, 8, -1, INTEGER_DOT, LARGE_M_KERNEL),
     (300, 256, 64, 4, 32, KERNEL, LARGE_M_KERNEL),
-    (2048, 256, 64, 8, -1, INTEGER_DOT, LARGE_M_KERNEL),
-    (2049, 256, 64, 8, -1, INTEGER_DOT, INTEGER_DOT),  # one group: XLA's dot above 2048 rows
+    (4096, 256, 64, 8, -1, INTEGER_DOT, LARGE_M_KERNEL),
     (4096, 256, 64, 4, 128, KERNEL, LARGE_M_KERNEL),
     (300, 320, 64, 4, 32, KERNEL, KERNEL),  # K not a multiple of 128
     (300, 256, 68, 4, 32, KERNEL, KERNEL),  # N not a multiple of 8

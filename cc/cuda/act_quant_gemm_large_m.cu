@@ -37,7 +37,12 @@
 //    group terms while the other's wgmmas run. (Up to v11 thread 0 loaded
 //    between its wgmmas and a CTA barrier per stage kept the warpgroups in
 //    lockstep: both formed their terms at once while the tensor cores idled,
-//    docs/perf.md v9.) The stage: xq
+//    docs/perf.md v9.) With groups the warpgroups also take turns: one
+//    issues a group's wgmmas while the other waits for its own and forms
+//    their terms (named barriers 1 and 2: warpgroup w waits on 1 + w before
+//    a group's first wgmma, and after its last lets the other go), so the
+//    tensor cores have the other's wgmmas queued during each term.
+//    The stage: xq
 //    (kRows rows of 128 bytes, the wgmma 128-byte swizzle), the code words of
 //    the stage and the rows of scales (and offsets) of its groups; rows past
 //    M and columns past N arrive as zeros. t (asymmetric only) is read from
@@ -54,6 +59,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "act_quant.h"
 #include "cuda/act_quant_target.h"
@@ -127,6 +133,24 @@ __device__ __forceinline__ uint32_t a_register(uint32_t word, bool upper) {
   }
 }
 
+// Named barrier 1 + `warpgroup` (0 is __syncthreads), of both consumer
+// warpgroups' threads: a warpgroup waits on its own and arrives on the
+// other's. The ids are immediates (ptxas reserves all 16 for a register id).
+__device__ __forceinline__ void wait_turn(int warpgroup) {
+  if (warpgroup == 0) {
+    asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+  } else {
+    asm volatile("bar.sync 2, %0;\n" ::"n"(kConsumerThreads) : "memory");
+  }
+}
+__device__ __forceinline__ void pass_turn(int warpgroup) {
+  if (warpgroup == 0) {
+    asm volatile("bar.arrive 2, %0;\n" ::"n"(kConsumerThreads) : "memory");
+  } else {
+    asm volatile("bar.arrive 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+  }
+}
+
 // v as float32, exactly, for |v| < 2^22: the float whose bits are those of
 // 1.5 * 2^23 plus v is 1.5 * 2^23 + v (its unit in the last place is 1), and
 // subtracting 1.5 * 2^23 is exact. An integer add (which takes another addend
@@ -162,6 +186,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int first = chunks * int(blockIdx.y) / splits * chunk;
   const int stages = chunks * (int(blockIdx.y) + 1) / splits * chunk - first;
   const int scale_rows = max(1, kSteps / group_steps);
+  const int group_shift = __ffs(group_steps) - 1;  // group_steps is a power of two
   // Whether a group's sum, 2^kShift (p + 2^(bits-1) t) = 2^kShift sum xq * code
   // (p alone for symmetric weights), stays below 2^22 in magnitude for
   // small_int_to_float: |xq| <= 127, |code - 2^(bits-1)| <= 2^(bits-1) and
@@ -219,8 +244,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // accumulators hold 2^kShift times the sum, so the scale is divided by
   // 2^kShift (exact). Accumulators 4q + h and 4q + 2 + h are MMA rows g and
   // g + 8 (columns column, column + 1) at MMA column 8q + 2t + h.
-  auto add_group = [&](const char* stage, int step, int group_index) {
-    const int at = (step / group_steps) * kColumns + column;  // scale row, column
+  auto add_group = [&](const char* stage, int step, int group_index, auto small) {
+    const int at = (step >> group_shift) * kColumns + column;  // scale row, column
     constexpr float kUnit = 1.f / (1 << kShift);
     float scale[2], offset[2] = {0.f, 0.f};
 #pragma unroll
@@ -241,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int c = 0; c < 2; ++c) {
           const int r = i + 2 * c + h;
           const int32_t sum = int32_t(uint32_t(iacc[r]) + code_shift);
-          const float f = small_sums ? small_int_to_float(sum) : float(sum);
+          const float f = small ? small_int_to_float(sum) : float(sum);
           facc[r] = fmaf(f, scale[c], facc[r]);
           if (!kSymmetric) facc[r] = fmaf(small_int_to_float(sum_x), offset[c], facc[r]);
         }
@@ -261,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         tma::load_2d(stage, &maps.x, row0, k0, full + slot);
         tma::load_2d(stage + L::kCodeOffset, &maps.codes, k0 / L::kPerWord, col0, full + slot);
         if (!kOneGroup) {
-          const int scale_row = k0 / kStepK / group_steps;
+          const int scale_row = (k0 / kStepK) >> group_shift;
           tma::load_2d(stage + L::kScaleOffset, &maps.scales, scale_row, col0, full + slot);
           if (!kSymmetric) {
             tma::load_2d(stage + L::kOffsetOffset, &maps.offsets, scale_row, col0, full + slot);
@@ -272,6 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (splits == 1) return;  // else the warp joins the cluster's barriers below
   } else {
     const int lane = threadIdx.x % 32;
+    const int local_groups = (stages * kSteps) >> group_shift;
     tma::wait(full, 0);
     uint2 words[2];
     fetch(smem, 0, words);
@@ -286,11 +312,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         const bool starts_group =
             kOneGroup ? j + step == 0 : (global_step & (group_steps - 1)) == 0;
         const bool ends_group = !kOneGroup && ((global_step + 1) & (group_steps - 1)) == 0;
+        // This warpgroup's turn to issue a group's wgmmas (see the header).
+        const int local_group = (global_step - first * kSteps) >> group_shift;
+        if (!kOneGroup && starts_group && (group == 1 || local_group > 0)) {
+          wait_turn(group);
+        }
         // B: rows 32 step .. + 31 of K, 32 bytes into every 128-byte row of xq.
         wgmma::fence();
         wgmma::Mma<int8_t>::mma(iacc, a[set], wgmma::descriptor_sw128(x_base + 32 * step),
                                 !starts_group);
         wgmma::commit();
+        if (ends_group && (group == 0 || local_group + 1 < local_groups)) {
+          pass_turn(group);
+        }
         const bool more = step + 1 < kSteps || j + 1 < stages;
         if (step + 1 < kSteps) {
           fetch(stage, step + 1, words);
@@ -309,7 +343,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (ends_group) {
           wgmma::wait<0>();
           advance();
-          add_group(stage, step, global_step / group_steps);
+          if (small_sums) {
+            add_group(stage, step, global_step >> group_shift, std::true_type{});
+          } else {
+            add_group(stage, step, global_step >> group_shift, std::false_type{});
+          }
         } else {
           wgmma::wait<1>();  // the wgmma of the step before is done, and its A set free
           advance();
