@@ -89,9 +89,10 @@ constexpr int kMinStagesPerSplit = 4;
 constexpr int kFixedStages = 3;
 constexpr int kMaxSharedBytes = 227 * 1024;  // per CTA on sm_90
 
-// Rows of x per CTA (the wgmma N) and ring slots (all load ahead). With groups a lane holds s32 and f32 accumulators, kRows / 2 each,
-// which leaves room for 128 rows. (One group needs no f32 ones, but 256 rows
-// ran slower on the H100: 4.2 against 3.8 ms on the suite at M = 4096, 252
+// Rows of x per CTA (the wgmma N) and ring slots (all load ahead). With
+// groups a lane holds s32 and f32 accumulators, kRows / 2 each, which leaves
+// room for 128 rows. (One group needs no f32 ones, but 256 rows ran slower on
+// the H100 in v9's design: 4.2 against 3.8 ms on the suite at M = 4096, 252
 // against 188 us at 64; docs/perf.md.) A stage is a quarter of
 // gemm_large_m.cu's MMA time (s8 wgmmas run twice as fast, over N = 128), so
 // the ring holds as many stages as fit to hide the loads' latency.
@@ -204,19 +205,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   // step s - 1 is done, while step s's runs.
   uint32_t a[2][4];
 
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBarrierOffset);
-  uint64_t* empty = full + kStages;
+  uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + L::kBarrierOffset);
+  const tma::ProducerRing ring{barriers, barriers + kStages, kStages};
   const uint32_t stage_bytes =
       L::kXBytes + L::kWordRows * L::kCodeRowBytes +
       (kOneGroup ? 0 : (kSymmetric ? 1 : 2) * scale_rows * kColumns * scale_bytes);
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < kStages; ++i) {
-      tma::init_barrier(full + i);
-      tma::init_barrier(empty + i, kConsumerThreads / 32);
-    }
-    tma::fence_init();
-  }
-  __syncthreads();
+  ring.init(kConsumerThreads / 32);
   // The A registers of step `step` of a stage.
   // In two parts: the code words' shared loads are issued before the wait
   // for the wgmma of the step before, so that their latency (their 4 K rows
@@ -277,28 +271,24 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x >= kConsumerThreads) {  // the producer warp
     if (threadIdx.x == kConsumerThreads) {
       for (int j = 0; j < stages; ++j) {
-        const int slot = j % kStages;
-        // The slot's previous stage, j - kStages, was released by every consumer warp.
-        if (j >= kStages) tma::wait(empty + slot, (j / kStages - 1) & 1);
-        char* stage = smem + slot * L::kBytes;
+        uint64_t* full = ring.begin_fill(j, stage_bytes);
+        char* stage = smem + (j % kStages) * L::kBytes;
         const int k0 = (first + j) * kStageK;
-        tma::expect_bytes(full + slot, stage_bytes);
-        tma::load_2d(stage, &maps.x, row0, k0, full + slot);
-        tma::load_2d(stage + L::kCodeOffset, &maps.codes, k0 / L::kPerWord, col0, full + slot);
+        tma::load_2d(stage, &maps.x, row0, k0, full);
+        tma::load_2d(stage + L::kCodeOffset, &maps.codes, k0 / L::kPerWord, col0, full);
         if (!kOneGroup) {
           const int scale_row = (k0 / kStepK) >> group_shift;
-          tma::load_2d(stage + L::kScaleOffset, &maps.scales, scale_row, col0, full + slot);
+          tma::load_2d(stage + L::kScaleOffset, &maps.scales, scale_row, col0, full);
           if (!kSymmetric) {
-            tma::load_2d(stage + L::kOffsetOffset, &maps.offsets, scale_row, col0, full + slot);
+            tma::load_2d(stage + L::kOffsetOffset, &maps.offsets, scale_row, col0, full);
           }
         }
       }
     }
     if (splits == 1) return;  // else the warp joins the cluster's barriers below
   } else {
-    const int lane = threadIdx.x % 32;
     const int local_groups = (stages * kSteps) >> group_shift;
-    tma::wait(full, 0);
+    ring.wait_full(0);
     uint2 words[2];
     fetch(smem, 0, words);
     widen(0, words, a[0]);
@@ -329,13 +319,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (step + 1 < kSteps) {
           fetch(stage, step + 1, words);
         } else if (more) {
-          tma::wait(full + (j + 1) % kStages, ((j + 1) / kStages) & 1);
+          ring.wait_full(j + 1);
           fetch(smem + ((j + 1) % kStages) * L::kBytes, 0, words);
         }
         // The stage before is done with (its wgmmas, and its group terms formed
         // below), and the A set of the next step is filled.
         auto advance = [&] {
-          if (step == 0 && j > 0 && lane == 0) tma::arrive(empty + (j - 1) % kStages);
+          if (step == 0 && j > 0) ring.release(j - 1);
           if (more) widen((step + 1) % kSteps, words, a[1 - set]);
         };
         // One branch waits for all wgmmas and reads the accumulators: ptxas
@@ -410,7 +400,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int h = 0; h < 2; ++h) {
         const int m = row0 + 8 * (i / 4) + 2 * t + h;
         if (m >= row0 + rows) continue;
-        const int32_t sum_x = kOneGroup && !kSymmetric ? p.group_sums[m] : 0;
+        [[maybe_unused]] const int32_t sum_x = kOneGroup && !kSymmetric ? p.group_sums[m] : 0;
         float v[2];
 #pragma unroll
         for (int c = 0; c < 2; ++c) {

@@ -85,31 +85,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kStepK = 32;  // K rows per wgmma
   constexpr int kSteps = kStageK / kStepK;
   extern __shared__ __align__(1024) char smem[];
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBarrierOffset);
-  uint64_t* empty = full + kStages;
+  uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + L::kBarrierOffset);
+  const tma::ProducerRing ring{barriers, barriers + kStages, kStages};
 
   const int row0 = blockIdx.x % row_tiles * kRows;
   const int col0 = blockIdx.x / row_tiles * kColumns;
   const int stages = (p.k + kStageK - 1) / kStageK;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      tma::init_barrier(full + s);
-      tma::init_barrier(empty + s, kConsumerThreads / 32);
-    }
-    tma::fence_init();
-  }
-  __syncthreads();
+  ring.init(kConsumerThreads / 32);
 
   if (threadIdx.x >= kConsumerThreads) {  // the producer warp
     if (threadIdx.x != kConsumerThreads) return;
     for (int j = 0; j < stages; ++j) {
-      const int slot = j % kStages;
-      // The slot's previous stage, j - kStages, was released by every consumer warp.
-      if (j >= kStages) tma::wait(empty + slot, (j / kStages - 1) & 1);
-      char* stage = smem + slot * L::kBytes;
-      tma::expect_bytes(full + slot, L::kBytes);
-      tma::load_2d(stage, &maps.a, row0, j * kStageK, full + slot);
-      tma::load_2d(stage + L::kABytes, &maps.b, j * kStageK, col0, full + slot);
+      uint64_t* full = ring.begin_fill(j, L::kBytes);
+      char* stage = smem + (j % kStages) * L::kBytes;
+      tma::load_2d(stage, &maps.a, row0, j * kStageK, full);
+      tma::load_2d(stage + L::kABytes, &maps.b, j * kStageK, col0, full);
     }
     return;
   }
@@ -145,7 +135,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   int32_t acc[kRows / 2];  // left unset: the first wgmma overwrites them
   uint32_t a[2][4];
   const uint32_t smem_base = shared_address(smem);
-  tma::wait(full, 0);
+  ring.wait_full(0);
   load_a(smem_base, 0, a[0]);
   for (int s = 0; s < stages; ++s) {
     const uint32_t stage_address = smem_base + (s % kStages) * L::kBytes;
@@ -158,11 +148,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                               s + step != 0);
       wgmma::commit();
       wgmma::wait<1>();  // the wgmma of the step before is done, and its A set free
-      if (step == 0 && s > 0 && lane == 0) tma::arrive(empty + (s - 1) % kStages);
+      if (step == 0 && s > 0) ring.release(s - 1);
       if (step + 1 < kSteps) {
         load_a(stage_address, step + 1, a[1 - set]);
       } else if (s + 1 < stages) {
-        tma::wait(full + (s + 1) % kStages, ((s + 1) / kStages) & 1);
+        ring.wait_full(s + 1);
         load_a(smem_base + ((s + 1) % kStages) * L::kBytes, 0, a[1 - set]);
       }
     }

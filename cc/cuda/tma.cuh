@@ -144,6 +144,46 @@ __device__ __forceinline__ void begin_ring_stage(uint64_t* barriers, int slots, 
   if (threadIdx.x == 0 && j + ahead < stages) load(j + ahead);
 }
 
+// A ring of `slots` stages in shared memory that one producer thread fills
+// and `consumer_warps` warps read (int_gemm_large_m.cu,
+// act_quant_gemm_large_m.cu): stage j lives in slot j % slots; its "full"
+// barrier completes when its loads have landed, its "empty" barrier when
+// every consumer warp is done with it. No CTA barrier, so the consumers
+// never wait for each other. The barriers are 2 * slots uint64s.
+struct ProducerRing {
+  uint64_t* full;
+  uint64_t* empty;
+  int slots;
+
+  // Thread 0 initializes the barriers; every thread returns once they are.
+  __device__ __forceinline__ void init(int consumer_warps) const {
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < slots; ++i) {
+        init_barrier(full + i);
+        init_barrier(empty + i, consumer_warps);
+      }
+      fence_init();
+    }
+    __syncthreads();
+  }
+  // Producer: once stage j's slot is free (stage j - slots released),
+  // announces `bytes` of loads; returns the barrier the loads complete on.
+  __device__ __forceinline__ uint64_t* begin_fill(int j, uint32_t bytes) const {
+    const int slot = j % slots;
+    if (j >= slots) wait(empty + slot, (j / slots - 1) & 1);
+    expect_bytes(full + slot, bytes);
+    return full + slot;
+  }
+  // Consumer: returns once stage j's loads have landed.
+  __device__ __forceinline__ void wait_full(int j) const {
+    wait(full + j % slots, (j / slots) & 1);
+  }
+  // Consumer: one lane per warp, once the warp (and its wgmmas) are done with stage j.
+  __device__ __forceinline__ void release(int j) const {
+    if (threadIdx.x % 32 == 0) arrive(empty + j % slots);
+  }
+};
+
 }  // namespace tma
 }  // namespace jax_lowbit
 
