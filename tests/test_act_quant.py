@@ -301,6 +301,20 @@ def test_gpu_writes_every_element_and_matches_spec(m, bits, group_size, symmetri
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("bits, group_size, k", [(4, 128, 4224), (4, 32, 4256), (8, 64, 4288)])
+def test_gpu_odd_number_of_groups(m, bits, group_size, k, rng):
+    """The small-M kernel loads two groups a batch: the last batch holds only one."""
+    from kernel_checks import _poisoned
+
+    assert (k // group_size) % 2 == 1
+    qw = _weight(rng, k, 72, bits, group_size, symmetric=False)
+    x = _x(rng, (m, k), jnp.bfloat16)
+    y = _poisoned(_act_matmul, (m, 72), x.dtype, x, qw)
+    check_against_spec(jnp.asarray(y, jnp.float32).astype(x.dtype), x, qw)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m, k, n", [
     (1000, 1024, 2048),  # 128 tiles: no K split
     (129, 4352, 200),  # 4 tiles, K split over 8 CTAs; a row tile of one row

@@ -12,12 +12,18 @@
 //    columns 4g .. 4g+3 and, for each M tile, the 8 activations xq of the
 //    same K rows of row g of the tile.
 //  * Group sums p are int32, exact. A warp takes runs of consecutive steps
-//    that hold whole groups (max(group steps, kUnroll) steps), round robin, so
-//    a group never leaves its warp: after the group's last step the warp turns
-//    p into the group's float32 term (scale, and offset and t for asymmetric
-//    weights) and adds it to its float32 sums, groups in increasing order. The
-//    scales of a group are loaded with the codes of its last step, so their
-//    latency hides behind the same loads.
+//    that hold whole groups, round robin, so a group never leaves its warp:
+//    after the group's last step the warp turns p into the group's float32
+//    term (scale, and offset and t for asymmetric weights) and adds it to its
+//    float32 sums, groups in increasing order. A batch (the steps whose loads
+//    are in flight together) is within one group or is two whole groups; the
+//    scales of the groups it ends are loaded with its codes, so their latency
+//    hides behind the same loads.
+//  * Addresses: lanes past N or M read a valid column or row instead (their
+//    sums are never stored), pointers advance by whole steps, and a whole
+//    batch loads without predicates: the kernel issues from 4 warps per
+//    scheduler at about 0.4 instructions a cycle (ncu, docs/perf.md v13), so
+//    every instruction of address arithmetic is time.
 //  * One group (group_size -1) has no group boundary: runs of kUnroll steps,
 //    and the warps' int32 partial sums are added (exactly) in shared memory
 //    before the single term is formed: the CPU handler's bits.
@@ -74,14 +80,23 @@ struct Quad {
   }
 };
 
-// Steps whose loads are in flight together: four 16-byte code loads per lane
-// with one M tile, fewer as more tiles' accumulators take the registers. One
-// CTA per SM (up to 128 registers a lane): with two, as gemm_small_m runs up
-// to 16 rows, the int32 and float32 accumulators did not fit in 64 registers
-// (ptxas spilled).
+// Steps whose loads are in flight together: four 16-byte code loads a lane
+// with one or two M tiles, one with four tiles, whose accumulators take the
+// registers. One CTA per SM (up to 128 registers a lane): with two, as
+// gemm_small_m runs up to 16 rows, the int32 and float32 accumulators did not
+// fit in 64 registers (ptxas spilled). Measured on the suite (docs/perf.md
+// v13): eight loads a lane were slower at one tile (W4A8 g128 M = 1: 77 us
+// against 71), two slower at two tiles (M = 16: 99 us against 93).
 template <int kBits, int kMTiles>
-constexpr int kUnroll = 4 / (SignedCodes<kBits>::kLoads * kMTiles) > 0
-                            ? 4 / (SignedCodes<kBits>::kLoads * kMTiles) : 1;
+constexpr int kUnroll = (kMTiles <= 2 ? 4 : 1) / SignedCodes<kBits>::kLoads > 0
+                            ? (kMTiles <= 2 ? 4 : 1) / SignedCodes<kBits>::kLoads
+                            : 1;
+
+// A batch of steps may hold the ends of two groups (then it is two groups
+// long), so that groups shorter than kUnroll steps still fill the loads in
+// flight; each group's scales are loaded with the batch's codes.
+template <int kSteps>
+constexpr int kGroupsPerBatch = kSteps >= 2 ? 2 : 1;
 
 // Calls f(p, i) for the 8 accumulator registers of a lane in one M tile:
 // register i of MMA p is weight column 2p + i / 2 (MMA row g or g + 8) of
@@ -100,6 +115,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     act_quant_gemm_kernel(const ActQuantArgs args) {
   using Codes = SignedCodes<kBits>;
   constexpr int kSteps = kUnroll<kBits, kMTiles>;
+  constexpr int kBatchGroups = kGroupsPerBatch<kSteps>;
   const S* scales = static_cast<const S*>(args.scales);
   const S* offsets = static_cast<const S*>(args.offsets);
   const int warp = threadIdx.x / 32;
@@ -108,64 +124,102 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int t = lane % 4;
   const int strip = blockIdx.x * kColumns;
   const int col0 = strip + 4 * g;
-  const bool col_ok = col0 < args.n;
   const int row0 = blockIdx.y * (8 * kMTiles);
   const int steps = args.k / kStepRows;
   const bool one_group = args.groups == 1;
-  // A batch of steps has its loads in flight together and ends no group but
-  // at its last step, so one set of scales serves it (groups of fewer steps
-  // than kSteps get shorter batches).
-  const int batch = one_group ? kSteps : min(args.group_steps, kSteps);
-  const int run_steps = one_group ? kSteps : max(args.group_steps, kSteps);
+  const int group_steps = args.group_steps;
+  const int group_shift = __ffs(group_steps) - 1;  // a power of two
+  // A batch of steps has its loads in flight together. With groups it is
+  // either within one group (ending it at its last step, or not at all) or
+  // exactly kBatchGroups whole groups; `span` steps end each group term.
+  const int batch = one_group ? kSteps : min(kSteps, kBatchGroups * group_steps);
+  const int span = one_group ? kSteps : min(batch, group_steps);
+  const int run_steps = one_group ? kSteps : max(group_steps, batch);
+
+  // Lanes past N read the last four columns and lanes past M the last row
+  // instead: their sums are never stored, and no load needs a predicate but
+  // for steps past K. Pointers advance by whole steps from these.
+  const int col_read = min(col0, args.n - 4);  // N % 4 == 0
+  const int64_t step_words = (Codes::word_row(1, 0, 0) - Codes::word_row(0, 0, 0)) * args.n;
+  const uint32_t* codes_lane[Codes::kLoads];
+#pragma unroll
+  for (int l = 0; l < Codes::kLoads; ++l) {
+    codes_lane[l] = args.codes + Codes::word_row(0, t, l) * args.n + col_read;
+  }
+  const int8_t* x_lane[kMTiles];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    x_lane[mt] = args.xq + int64_t{min(row0 + mt * 8 + g, args.m - 1)} * args.k + 8 * t;
+  }
 
   int32_t iacc[kMTiles][2][4] = {};
   float facc[kMTiles][2][4] = {};
+  // A finished group's int32 sums join the float32 sums as its term.
+  const auto add_terms = [&](const Quad<S>& scale, const Quad<S>& offset,
+                             const int32_t (&tsum)[kMTiles][2]) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      for_each_register([&](int p, int i) {
+        const int c = 2 * p + i / 2;
+        facc[mt][p][i] =
+            add_rn(facc[mt][p][i], group_term(iacc[mt][p][i] >> Codes::kProductShift,
+                                              tsum[mt][i % 2], kBits, kSymmetric, scale[c],
+                                              offset[c]));
+        iacc[mt][p][i] = 0;
+      });
+    }
+  };
 
   for (int run = warp * run_steps; run < steps; run += kWarps * run_steps) {
     for (int base = run; base < run + run_steps && base < steps; base += batch) {
-      const int last = base + batch - 1;
-      const bool ends_group = !one_group && ((last + 1) & (args.group_steps - 1)) == 0;
-      const int group = last / args.group_steps;
       uint4 words[kSteps][Codes::kLoads];
       uint2 xv[kSteps][kMTiles];
+      const int64_t codes_offset = base * step_words;
+      const int x_offset = base * kStepRows;
+      // A whole batch (the common case) loads without predicates.
+      const bool whole = batch == kSteps && base + kSteps <= steps;
 #pragma unroll
       for (int u = 0; u < kSteps; ++u) {
-        const int step = base + u;
-        const bool in_batch = u < batch && step < steps;
+        const bool in_batch = whole || (u < batch && base + u < steps);
 #pragma unroll
         for (int l = 0; l < Codes::kLoads; ++l) {
-          const uint32_t* p = args.codes + Codes::word_row(step, t, l) * args.n + col0;
-          words[u][l] = in_batch && col_ok ? load_streaming(reinterpret_cast<const uint4*>(p))
-                                           : make_uint4(0, 0, 0, 0);
+          const auto* p = reinterpret_cast<const uint4*>(codes_lane[l] + codes_offset +
+                                                         u * step_words);
+          words[u][l] = in_batch ? load_streaming(p) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-          const int m = row0 + mt * 8 + g;
-          const int8_t* p = args.xq + int64_t{m} * args.k + step * kStepRows + 8 * t;
-          xv[u][mt] = in_batch && m < args.m ? __ldg(reinterpret_cast<const uint2*>(p))
-                                             : make_uint2(0, 0);
+          const auto* p = reinterpret_cast<const uint2*>(x_lane[mt] + x_offset + u * kStepRows);
+          xv[u][mt] = in_batch ? __ldg(p) : make_uint2(0, 0);
         }
       }
-      Quad<S> scale = {};
-      Quad<S> offset = {};
-      int32_t tsum[kMTiles][2] = {};  // t of rows 2t, 2t + 1 of each tile
-      if (ends_group) {
-        if (col_ok) {
-          scale.load(scales + int64_t{group} * args.n + col0);
-          if (!kSymmetric) offset.load(offsets + int64_t{group} * args.n + col0);
-        }
+      // How many groups end in this batch: K is whole groups, so a batch of
+      // several groups ends each one that K still holds.
+      const int groups_ending =
+          one_group ? 0
+          : batch > group_steps ? min(kBatchGroups, (steps - base) >> group_shift)
+          : ((base + batch) & (group_steps - 1)) == 0 ? 1 : 0;
+      Quad<S> scale[kBatchGroups] = {};
+      Quad<S> offset[kBatchGroups] = {};
+      int32_t tsum[kBatchGroups][kMTiles][2] = {};  // t of rows 2t, 2t + 1 of each tile
+#pragma unroll
+      for (int j = 0; j < kBatchGroups; ++j) {
+        if (j >= groups_ending) break;
+        const int group = (base + j * span + span - 1) >> group_shift;
+        scale[j].load(scales + int64_t{group} * args.n + col_read);
+        if (!kSymmetric) offset[j].load(offsets + int64_t{group} * args.n + col_read);
 #pragma unroll
         for (int mt = 0; mt < kMTiles && !kSymmetric; ++mt) {
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const int m = row0 + mt * 8 + 2 * t + r;
-            tsum[mt][r] = m < args.m ? __ldg(args.group_sums + int64_t{group} * args.m + m) : 0;
+            const int m = min(row0 + mt * 8 + 2 * t + r, args.m - 1);
+            tsum[j][mt][r] = __ldg(args.group_sums + int64_t{group} * args.m + m);
           }
         }
       }
 #pragma unroll
       for (int u = 0; u < kSteps; ++u) {
-        if (u >= batch) break;  // shorter batches of small groups
+        if (u >= batch) break;  // shorter batches of long groups
         uint32_t b[kMTiles][2];
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) Codes::b_fragment(xv[u][mt], b[mt][0], b[mt][1]);
@@ -176,19 +230,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) mma_s8(iacc[mt][p], a, b[mt][0], b[mt][1]);
         }
-      }
-      if (ends_group) {
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          for_each_register([&](int p, int i) {
-            const int c = 2 * p + i / 2;
-            facc[mt][p][i] =
-                add_rn(facc[mt][p][i],
-                       group_term(iacc[mt][p][i] >> Codes::kProductShift, tsum[mt][i % 2], kBits,
-                                  kSymmetric, scale[c], offset[c]));
-            iacc[mt][p][i] = 0;
-          });
-        }
+        // After the last step of each span, the group ending there (the
+        // batch's j-th) becomes a float32 term; constant indices keep the
+        // scales in registers (j is 0 or 1).
+        const int j = u < span ? 0 : 1;
+        if (((u + 1) & (span - 1)) != 0 || j >= groups_ending) continue;
+        if (j == 0) add_terms(scale[0], offset[0], tsum[0]);
+        else add_terms(scale[kBatchGroups - 1], offset[kBatchGroups - 1], tsum[kBatchGroups - 1]);
       }
     }
   }
