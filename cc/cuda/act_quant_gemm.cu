@@ -80,23 +80,33 @@ struct Quad {
   }
 };
 
+// Up to 16 rows the float32 sums of finished groups live in shared memory,
+// not registers, so that a lane needs at most 64 registers and two CTAs (32
+// warps) share an SM: one CTA's reduction and start then overlap the other's
+// loads, and twice the warps hide the loads' latency (one CTA of 16 warps
+// issued 0.37 instructions a cycle at M = 16, 10 cycles apart per warp,
+// DRAM at 41%: docs/perf.md v13). 17 to 32 rows keep them in registers
+// (128 a lane, one CTA per SM).
+template <int kMTiles>
+constexpr bool kSharedSums = kMTiles <= 2;
+template <int kMTiles>
+constexpr int kCtasPerSm = kSharedSums<kMTiles> ? 2 : 1;
+
 // Steps whose loads are in flight together: four 16-byte code loads a lane
-// with one or two M tiles, one with four tiles, whose accumulators take the
-// registers. One CTA per SM (up to 128 registers a lane): with two, as
-// gemm_small_m runs up to 16 rows, the int32 and float32 accumulators did not
-// fit in 64 registers (ptxas spilled). Measured on the suite (docs/perf.md
-// v13): eight loads a lane were slower at one tile (W4A8 g128 M = 1: 77 us
-// against 71), two slower at two tiles (M = 16: 99 us against 93).
+// with one M tile, two with two tiles and one with four (the accumulators
+// and activations take the registers).
 template <int kBits, int kMTiles>
-constexpr int kUnroll = (kMTiles <= 2 ? 4 : 1) / SignedCodes<kBits>::kLoads > 0
-                            ? (kMTiles <= 2 ? 4 : 1) / SignedCodes<kBits>::kLoads
+constexpr int kUnroll = (4 / kMTiles) / SignedCodes<kBits>::kLoads > 0
+                            ? (4 / kMTiles) / SignedCodes<kBits>::kLoads
                             : 1;
 
 // A batch of steps may hold the ends of two groups (then it is two groups
 // long), so that groups shorter than kUnroll steps still fill the loads in
-// flight; each group's scales are loaded with the batch's codes.
-template <int kSteps>
-constexpr int kGroupsPerBatch = kSteps >= 2 ? 2 : 1;
+// flight; each group's scales are loaded with the batch's codes. Asymmetric
+// weights keep one group a batch: their offsets and t would not fit in 64
+// registers twice.
+template <int kSteps, bool kSymmetric>
+constexpr int kGroupsPerBatch = kSteps >= 2 && kSymmetric ? 2 : 1;
 
 // Calls f(p, i) for the 8 accumulator registers of a lane in one M tile:
 // register i of MMA p is weight column 2p + i / 2 (MMA row g or g + 8) of
@@ -110,12 +120,22 @@ __device__ __forceinline__ void for_each_register(F&& f) {
   }
 }
 
+// A warp's sums in shared memory: kRows rows of kColumns, each pair of rows
+// one bank further (element (r, c) at r * kColumns + c + r / 2), so that the
+// lanes adding accumulator register i of MMA p (row 2t + i % 2, column
+// 4g + 2p + i / 2) hit 32 distinct banks (4g + t + const).
+template <int kRows>
+constexpr int kWarpSums = kRows * kColumns + kRows / 2;
+__device__ __forceinline__ int sum_index(int row, int col) {
+  return row * kColumns + col + row / 2;
+}
+
 template <typename S, int kBits, bool kSymmetric, int kMTiles>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
     act_quant_gemm_kernel(const ActQuantArgs args) {
   using Codes = SignedCodes<kBits>;
   constexpr int kSteps = kUnroll<kBits, kMTiles>;
-  constexpr int kBatchGroups = kGroupsPerBatch<kSteps>;
+  constexpr int kBatchGroups = kGroupsPerBatch<kSteps, kSymmetric>;
   const S* scales = static_cast<const S*>(args.scales);
   const S* offsets = static_cast<const S*>(args.offsets);
   const int warp = threadIdx.x / 32;
@@ -152,8 +172,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     x_lane[mt] = args.xq + int64_t{min(row0 + mt * 8 + g, args.m - 1)} * args.k + 8 * t;
   }
 
+  // The warps' sums for the epilogue (int32 with one group, float32 bits
+  // otherwise), kChunkRows rows at a time; with kSharedSums<kMTiles> also the
+  // float32 sums of finished groups while the warps run.
+  constexpr bool kShared = kSharedSums<kMTiles>;
+  constexpr int kChunkRows = kShared ? 8 * kMTiles : 8;
+  __shared__ uint32_t sums[kWarps][kWarpSums<kChunkRows>];
+  if (kShared && !one_group) {
+    for (int i = lane; i < kWarpSums<kChunkRows>; i += 32) sums[warp][i] = 0;
+    __syncwarp();
+  }
+
   int32_t iacc[kMTiles][2][4] = {};
-  float facc[kMTiles][2][4] = {};
+  float facc[kShared ? 1 : kMTiles][2][4] = {};
   // A finished group's int32 sums join the float32 sums as its term.
   const auto add_terms = [&](const Quad<S>& scale, const Quad<S>& offset,
                              const int32_t (&tsum)[kMTiles][2]) {
@@ -161,10 +192,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int mt = 0; mt < kMTiles; ++mt) {
       for_each_register([&](int p, int i) {
         const int c = 2 * p + i / 2;
-        facc[mt][p][i] =
-            add_rn(facc[mt][p][i], group_term(iacc[mt][p][i] >> Codes::kProductShift,
-                                              tsum[mt][i % 2], kBits, kSymmetric, scale[c],
-                                              offset[c]));
+        const float term = group_term(iacc[mt][p][i] >> Codes::kProductShift, tsum[mt][i % 2],
+                                      kBits, kSymmetric, scale[c], offset[c]);
+        if constexpr (kShared) {
+          uint32_t& sum = sums[warp][sum_index(mt * 8 + 2 * t + i % 2, 4 * g + c)];
+          sum = __float_as_uint(add_rn(__uint_as_float(sum), term));
+        } else {
+          facc[mt][p][i] = add_rn(facc[mt][p][i], term);
+        }
         iacc[mt][p][i] = 0;
       });
     }
@@ -241,34 +276,43 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
-  // Warps' partial sums (int32 with one group, float32 bits otherwise), added
-  // in warp order one M tile at a time to keep shared memory at 16 KB.
-  __shared__ uint32_t partial[kWarps][8][kColumns];
+  // The warps' sums are added in warp order, kChunkRows rows at a time.
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) {
-    for_each_register([&](int p, int i) {
-      partial[warp][2 * t + i % 2][4 * g + 2 * p + i / 2] =
-          one_group ? static_cast<uint32_t>(iacc[mt][p][i]) : __float_as_uint(facc[mt][p][i]);
-    });
+  for (int chunk = 0; chunk < 8 * kMTiles / kChunkRows; ++chunk) {
+    if (one_group || !kShared) {  // the sums are still in registers
+#pragma unroll
+      for (int mt = chunk * kChunkRows / 8; mt < (chunk + 1) * kChunkRows / 8; ++mt) {
+        for_each_register([&](int p, int i) {
+          const int row = mt * 8 - chunk * kChunkRows + 2 * t + i % 2;
+          uint32_t bits;
+          if constexpr (kShared) bits = static_cast<uint32_t>(iacc[mt][p][i]);
+          else bits = one_group ? static_cast<uint32_t>(iacc[mt][p][i])
+                                : __float_as_uint(facc[mt][p][i]);
+          sums[warp][sum_index(row, 4 * g + 2 * p + i / 2)] = bits;
+        });
+      }
+    }
     __syncthreads();
-    for (int i = threadIdx.x; i < 8 * kColumns; i += kThreads) {
+    for (int i = threadIdx.x; i < kChunkRows * kColumns; i += kThreads) {
       const int r = i / kColumns;
       const int c = i % kColumns;
-      const int m = row0 + mt * 8 + r;
+      const int m = row0 + chunk * kChunkRows + r;
       const int col = strip + c;
       if (m >= args.m || col >= args.n) continue;
       float acc = 0.f;
       if (one_group) {
         uint32_t sum = 0;  // wraps modulo 2^32 like the spec's int32 sums
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) sum += partial[w][r][c];
+        for (int w = 0; w < kWarps; ++w) sum += sums[w][sum_index(r, c)];
         const int32_t p = static_cast<int32_t>(sum) >> Codes::kProductShift;
         acc = add_rn(acc, group_term(p, kSymmetric ? 0 : args.group_sums[m], kBits, kSymmetric,
                                      to_float(scales[col]),
                                      kSymmetric ? 0.f : to_float(offsets[col])));
       } else {
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) acc = add_rn(acc, __uint_as_float(partial[w][r][c]));
+        for (int w = 0; w < kWarps; ++w) {
+          acc = add_rn(acc, __uint_as_float(sums[w][sum_index(r, c)]));
+        }
       }
       store_output(args.y, int64_t{m} * args.n + col, mul_rn(acc, args.x_scales[m]),
                    args.out_type);
