@@ -7,9 +7,9 @@ CUDA: a pre-pass kernel quantizes x (cc/cuda/quantize_rows.cu), then
    and N of 8: the wgmma s8 kernel (cc/cuda/act_quant_gemm_large_m.cu),
    tiles of 128 rows x 128 columns;
  - else the int8 mma.sync kernel (cc/cuda/act_quant_gemm.cu) reads the packed
-   codes in place: every M with groups (CTAs of 32 rows, each reading the
-   whole weight, so large M re-reads it M / 32 times), and M <= 32 with one
-   group;
+   codes in place: every M with groups (CTAs of 16 rows; the row blocks of
+   a column strip run together and share its codes through L2), and M <= 32
+   with one group;
  - else (one group (group_size -1) and M > 32, or K not a multiple of 32):
    the codes are widened to an int8 (K, N) matrix and XLA's integer dot
    takes the product, the one-group epilogue follows in XLA.
@@ -29,7 +29,8 @@ from jax_lowbit.act_quant_primitives import act_quant_matmul_p
 from jax_lowbit.lowering import _attributes, _require_cuda
 from jax_lowbit.primitives import WeightFormat
 
-# Rows of x per CTA of the CUDA kernel (four 8-row MMA tiles).
+# Rows up to which one-group weights take the mma.sync kernel (above: the
+# wgmma kernel on sm_90, else XLA's integer dot).
 KERNEL_ROWS = 32
 # K rows of one kernel step (the k of mma.m16n8k32); N columns of one 16-byte load.
 KERNEL_K_MULTIPLE = 32
@@ -66,7 +67,8 @@ def _quantize_rows(rows, group_rows: int, groups: int):
 # multiple of its TMA scale loads and paired stores.
 LARGE_M_K_MULTIPLE = 128
 LARGE_M_N_MULTIPLE = 8
-# Above the mma.sync kernel's one row tile, which reads the weight once.
+# Above 32 rows: at 64 the mma.sync kernel (four row blocks) took 214 us a
+# suite pass of W4A8 g128 where the wgmma kernel took 177 (docs/perf.md v13).
 LARGE_M_MIN_ROWS = KERNEL_ROWS + 1
 
 

@@ -5,9 +5,10 @@
 //
 // Mapping (that of gemm_small_m.cu; the fragments are SignedCodes in
 // mma_fragments.cuh):
-//  * A CTA owns 32 output columns and 8 * kMTiles rows of x; blockIdx.y tiles
-//    M beyond that, every such CTA streaming the whole weight again (a first
-//    step for large M). Its 16 warps split K. A step is 32 rows of K: lane
+//  * A CTA owns 32 output columns and 8 or 16 rows of x (one or two M tiles);
+//    more rows take more CTAs, and the row blocks of a strip are consecutive
+//    CTAs, so they run together and all but the first read its codes from
+//    L2. Its 16 warps split K. A step is 32 rows of K: lane
 //    (g, t) loads 16 bytes of code words (int4: one word row, int8: two) of
 //    columns 4g .. 4g+3 and, for each M tile, the 8 activations xq of the
 //    same K rows of row g of the tile.
@@ -44,7 +45,6 @@
 #include "cuda/convert.cuh"
 #include "cuda/handlers.h"
 #include "cuda/launch_status.h"
-#include "cuda/m_tiles.cuh"
 #include "cuda/mma_fragments.cuh"
 #include "weight_shape.h"
 
@@ -80,21 +80,21 @@ struct Quad {
   }
 };
 
-// Up to 16 rows the float32 sums of finished groups live in shared memory,
-// not registers, so that a lane needs at most 64 registers and two CTAs (32
-// warps) share an SM: one CTA's reduction and start then overlap the other's
-// loads, and twice the warps hide the loads' latency (one CTA of 16 warps
-// issued 0.37 instructions a cycle at M = 16, 10 cycles apart per warp,
-// DRAM at 41%: docs/perf.md v13). 17 to 32 rows keep them in registers
-// (128 a lane, one CTA per SM).
-template <int kMTiles>
-constexpr bool kSharedSums = kMTiles <= 2;
-template <int kMTiles>
-constexpr int kCtasPerSm = kSharedSums<kMTiles> ? 2 : 1;
+// The float32 sums of finished groups live in shared memory, not registers,
+// so that a lane needs at most 64 registers and two CTAs (32 warps) share an
+// SM: one CTA's reduction and start then overlap the other's loads, and twice
+// the warps hide the loads' latency (one CTA of 16 warps issued 0.37
+// instructions a cycle at M = 16, 10 cycles apart per warp, DRAM at 41%:
+// docs/perf.md v13).
+constexpr int kCtasPerSm = 2;
+
+// A CTA takes one M tile (up to 8 rows) or two; more rows take more CTAs
+// (four tiles a CTA, one CTA per SM, were 9% slower at 32 rows).
+constexpr int kMaxMTiles = 2;
 
 // Steps whose loads are in flight together: four 16-byte code loads a lane
-// with one M tile, two with two tiles and one with four (the accumulators
-// and activations take the registers).
+// with one M tile, two with two tiles (the accumulators and activations take
+// the registers).
 template <int kBits, int kMTiles>
 constexpr int kUnroll = (4 / kMTiles) / SignedCodes<kBits>::kLoads > 0
                             ? (4 / kMTiles) / SignedCodes<kBits>::kLoads
@@ -131,7 +131,7 @@ __device__ __forceinline__ int sum_index(int row, int col) {
 }
 
 template <typename S, int kBits, bool kSymmetric, int kMTiles>
-__global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
+__global__ void __launch_bounds__(kThreads, kCtasPerSm)
     act_quant_gemm_kernel(const ActQuantArgs args) {
   using Codes = SignedCodes<kBits>;
   constexpr int kSteps = kUnroll<kBits, kMTiles>;
@@ -142,9 +142,12 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
   const int lane = threadIdx.x % 32;
   const int g = lane / 4;
   const int t = lane % 4;
-  const int strip = blockIdx.x * kColumns;
+  // The row blocks of one strip are consecutive CTAs, so they run together
+  // and all but the first read the strip's codes from L2.
+  const int row_blocks = (args.m + 8 * kMTiles - 1) / (8 * kMTiles);
+  const int strip = int(blockIdx.x / row_blocks) * kColumns;
   const int col0 = strip + 4 * g;
-  const int row0 = blockIdx.y * (8 * kMTiles);
+  const int row0 = int(blockIdx.x % row_blocks) * (8 * kMTiles);
   const int steps = args.k / kStepRows;
   const bool one_group = args.groups == 1;
   const int group_steps = args.group_steps;
@@ -172,19 +175,16 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
     x_lane[mt] = args.xq + int64_t{min(row0 + mt * 8 + g, args.m - 1)} * args.k + 8 * t;
   }
 
-  // The warps' sums for the epilogue (int32 with one group, float32 bits
-  // otherwise), kChunkRows rows at a time; with kSharedSums<kMTiles> also the
-  // float32 sums of finished groups while the warps run.
-  constexpr bool kShared = kSharedSums<kMTiles>;
-  constexpr int kChunkRows = kShared ? 8 * kMTiles : 8;
-  __shared__ uint32_t sums[kWarps][kWarpSums<kChunkRows>];
-  if (kShared && !one_group) {
-    for (int i = lane; i < kWarpSums<kChunkRows>; i += 32) sums[warp][i] = 0;
+  // Each warp's float32 sums of finished groups, and at the end the warps'
+  // sums for the epilogue (int32 with one group, float32 bits otherwise).
+  constexpr int kRows = 8 * kMTiles;
+  __shared__ uint32_t sums[kWarps][kWarpSums<kRows>];
+  if (!one_group) {
+    for (int i = lane; i < kWarpSums<kRows>; i += 32) sums[warp][i] = 0;
     __syncwarp();
   }
 
   int32_t iacc[kMTiles][2][4] = {};
-  float facc[kShared ? 1 : kMTiles][2][4] = {};
   // A finished group's int32 sums join the float32 sums as its term.
   const auto add_terms = [&](const Quad<S>& scale, const Quad<S>& offset,
                              const int32_t (&tsum)[kMTiles][2]) {
@@ -194,12 +194,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
         const int c = 2 * p + i / 2;
         const float term = group_term(iacc[mt][p][i] >> Codes::kProductShift, tsum[mt][i % 2],
                                       kBits, kSymmetric, scale[c], offset[c]);
-        if constexpr (kShared) {
-          uint32_t& sum = sums[warp][sum_index(mt * 8 + 2 * t + i % 2, 4 * g + c)];
-          sum = __float_as_uint(add_rn(__uint_as_float(sum), term));
-        } else {
-          facc[mt][p][i] = add_rn(facc[mt][p][i], term);
-        }
+        uint32_t& sum = sums[warp][sum_index(mt * 8 + 2 * t + i % 2, 4 * g + c)];
+        sum = __float_as_uint(add_rn(__uint_as_float(sum), term));
         iacc[mt][p][i] = 0;
       });
     }
@@ -276,64 +272,56 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
     }
   }
 
-  // The warps' sums are added in warp order, kChunkRows rows at a time.
+  // The warps' sums are added in warp order; with one group they are still
+  // the int32 sums in registers.
+  if (one_group) {
 #pragma unroll
-  for (int chunk = 0; chunk < 8 * kMTiles / kChunkRows; ++chunk) {
-    if (one_group || !kShared) {  // the sums are still in registers
-#pragma unroll
-      for (int mt = chunk * kChunkRows / 8; mt < (chunk + 1) * kChunkRows / 8; ++mt) {
-        for_each_register([&](int p, int i) {
-          const int row = mt * 8 - chunk * kChunkRows + 2 * t + i % 2;
-          uint32_t bits;
-          if constexpr (kShared) bits = static_cast<uint32_t>(iacc[mt][p][i]);
-          else bits = one_group ? static_cast<uint32_t>(iacc[mt][p][i])
-                                : __float_as_uint(facc[mt][p][i]);
-          sums[warp][sum_index(row, 4 * g + 2 * p + i / 2)] = bits;
-        });
-      }
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      for_each_register([&](int p, int i) {
+        sums[warp][sum_index(mt * 8 + 2 * t + i % 2, 4 * g + 2 * p + i / 2)] =
+            static_cast<uint32_t>(iacc[mt][p][i]);
+      });
     }
-    __syncthreads();
-    for (int i = threadIdx.x; i < kChunkRows * kColumns; i += kThreads) {
-      const int r = i / kColumns;
-      const int c = i % kColumns;
-      const int m = row0 + chunk * kChunkRows + r;
-      const int col = strip + c;
-      if (m >= args.m || col >= args.n) continue;
-      float acc = 0.f;
-      if (one_group) {
-        uint32_t sum = 0;  // wraps modulo 2^32 like the spec's int32 sums
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kRows * kColumns; i += kThreads) {
+    const int r = i / kColumns;
+    const int c = i % kColumns;
+    const int m = row0 + r;
+    const int col = strip + c;
+    if (m >= args.m || col >= args.n) continue;
+    float acc = 0.f;
+    if (one_group) {
+      uint32_t sum = 0;  // wraps modulo 2^32 like the spec's int32 sums
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) sum += sums[w][sum_index(r, c)];
-        const int32_t p = static_cast<int32_t>(sum) >> Codes::kProductShift;
-        acc = add_rn(acc, group_term(p, kSymmetric ? 0 : args.group_sums[m], kBits, kSymmetric,
-                                     to_float(scales[col]),
-                                     kSymmetric ? 0.f : to_float(offsets[col])));
-      } else {
+      for (int w = 0; w < kWarps; ++w) sum += sums[w][sum_index(r, c)];
+      const int32_t p = static_cast<int32_t>(sum) >> Codes::kProductShift;
+      acc = add_rn(acc, group_term(p, kSymmetric ? 0 : args.group_sums[m], kBits, kSymmetric,
+                                   to_float(scales[col]),
+                                   kSymmetric ? 0.f : to_float(offsets[col])));
+    } else {
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) {
-          acc = add_rn(acc, __uint_as_float(sums[w][sum_index(r, c)]));
-        }
-      }
-      store_output(args.y, int64_t{m} * args.n + col, mul_rn(acc, args.x_scales[m]),
-                   args.out_type);
+      for (int w = 0; w < kWarps; ++w) acc = add_rn(acc, __uint_as_float(sums[w][sum_index(r, c)]));
     }
-    __syncthreads();
+    store_output(args.y, int64_t{m} * args.n + col, mul_rn(acc, args.x_scales[m]),
+                 args.out_type);
   }
 }
 
 template <typename S, int kBits, bool kSymmetric, int kMTiles>
 cudaError_t launch_gemm(const ActQuantArgs& args, cudaStream_t stream) {
-  const dim3 grid((args.n + kColumns - 1) / kColumns, (args.m + 8 * kMTiles - 1) / (8 * kMTiles));
-  act_quant_gemm_kernel<S, kBits, kSymmetric, kMTiles><<<grid, kThreads, 0, stream>>>(args);
+  const int64_t ctas = int64_t{(args.n + kColumns - 1) / kColumns} *
+                       ((args.m + 8 * kMTiles - 1) / (8 * kMTiles));
+  if (ctas > INT32_MAX) return cudaErrorInvalidConfiguration;
+  act_quant_gemm_kernel<S, kBits, kSymmetric, kMTiles>
+      <<<unsigned(ctas), kThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
-// More rows than kMaxMTiles tiles hold are tiled over blockIdx.y.
 template <typename S, int kBits, bool kSymmetric>
 cudaError_t dispatch_tiles(const ActQuantArgs& args, cudaStream_t stream) {
-  return with_m_tiles(args.m, [&](auto tiles) {
-    return launch_gemm<S, kBits, kSymmetric, decltype(tiles)::value>(args, stream);
-  });
+  return args.m <= 8 ? launch_gemm<S, kBits, kSymmetric, 1>(args, stream)
+                     : launch_gemm<S, kBits, kSymmetric, kMaxMTiles>(args, stream);
 }
 
 template <typename S>
@@ -356,7 +344,7 @@ ffi::Error act_quant_gemm_impl(cudaStream_t stream, ffi::Buffer<ffi::S8> xq,
   ActQuantArgs args;
   ffi::Error error =
       act_quant_problem("act_quant_gemm", xq, x_scales, group_sums, codes, scales, offsets, y,
-                        bits, group_size, kStepRows, 4, int64_t{65535} * 8 * kMaxMTiles, args);
+                        bits, group_size, kStepRows, 4, INT32_MAX, args);
   if (error.failure()) return error;
   if (args.m == 0 || args.n == 0) return ffi::Error::Success();
   return launch_status(
