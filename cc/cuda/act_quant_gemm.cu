@@ -21,10 +21,9 @@
 //    scales of the groups it ends are loaded with its codes, so their latency
 //    hides behind the same loads.
 //  * Addresses: lanes past N or M read a valid column or row instead (their
-//    sums are never stored), pointers advance by whole steps, and a whole
-//    batch loads without predicates: the kernel issues from 4 warps per
-//    scheduler at about 0.4 instructions a cycle (ncu, docs/perf.md v13), so
-//    every instruction of address arithmetic is time.
+//    sums are never stored), pointers advance by whole steps, and only steps
+//    past K are masked: the kernel is latency-bound on few warps (ncu,
+//    docs/perf.md v13), so address arithmetic is time.
 //  * One group (group_size -1) has no group boundary: runs of kUnroll steps,
 //    and the warps' int32 partial sums are added (exactly) in shared memory
 //    before the single term is formed: the CPU handler's bits.
@@ -207,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
       uint2 xv[kSteps][kMTiles];
       const int64_t codes_offset = base * step_words;
       const int x_offset = base * kStepRows;
-      // A whole batch (the common case) loads without predicates.
+      // One test for a whole batch (the common case), not one per step.
       const bool whole = batch == kSteps && base + kSteps <= steps;
 #pragma unroll
       for (int u = 0; u < kSteps; ++u) {
