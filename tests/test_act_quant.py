@@ -304,10 +304,11 @@ def test_gpu_writes_every_element_and_matches_spec(m, bits, group_size, symmetri
 @pytest.mark.parametrize("m", [1, 16, 40])
 @pytest.mark.parametrize("bits, group_size, k", [(4, 128, 4224), (4, 32, 4256), (8, 64, 4288)])
 def test_gpu_odd_number_of_groups(m, bits, group_size, k, rng):
-    """The mma.sync kernel loads two groups a batch: the last batch holds only one.
+    """Warps take runs of whole groups (several when groups are short): the
+    last run is cut short by K.
 
-    40 rows: three row blocks of that kernel where K is not a multiple of 128
-    (4256, 4288), the wgmma kernel on sm_90 where it is (4224).
+    40 rows: three row blocks of the mma.sync kernel where K is not a
+    multiple of 128 (4256, 4288), the wgmma kernel on sm_90 where it is (4224).
     """
     from kernel_checks import _poisoned
 

@@ -17,9 +17,9 @@
 //    after the group's last step the warp turns p into the group's float32
 //    term (scale, and offset and t for asymmetric weights) and adds it to its
 //    float32 sums, groups in increasing order. A batch (the steps whose loads
-//    are in flight together) is within one group or is two whole groups; the
-//    scales of the groups it ends are loaded with its codes, so their latency
-//    hides behind the same loads.
+//    are in flight together) lies within one group; the scales of the group
+//    it ends are loaded with its codes, so their latency hides behind the
+//    same loads.
 //  * Addresses: lanes past N or M read a valid column or row instead (their
 //    sums are never stored), pointers advance by whole steps, and only steps
 //    past K are masked: the kernel is latency-bound on few warps (ncu,
@@ -91,6 +91,12 @@ constexpr int kCtasPerSm = 2;
 // (four tiles a CTA, one CTA per SM, were 9% slower at 32 rows).
 constexpr int kMaxMTiles = 2;
 
+// CTAs along M: the row blocks of one column strip, consecutive in the grid.
+template <int kMTiles>
+__host__ __device__ __forceinline__ int row_blocks(int m) {
+  return (m + 8 * kMTiles - 1) / (8 * kMTiles);
+}
+
 // Steps whose loads are in flight together: four 16-byte code loads a lane
 // with one M tile, two with two tiles (the accumulators and activations take
 // the registers).
@@ -98,14 +104,6 @@ template <int kBits, int kMTiles>
 constexpr int kUnroll = (4 / kMTiles) / SignedCodes<kBits>::kLoads > 0
                             ? (4 / kMTiles) / SignedCodes<kBits>::kLoads
                             : 1;
-
-// A batch of steps may hold the ends of two groups (then it is two groups
-// long), so that groups shorter than kUnroll steps still fill the loads in
-// flight; each group's scales are loaded with the batch's codes. Asymmetric
-// weights keep one group a batch: their offsets and t would not fit in 64
-// registers twice.
-template <int kSteps, bool kSymmetric>
-constexpr int kGroupsPerBatch = kSteps >= 2 && kSymmetric ? 2 : 1;
 
 // Calls f(p, i) for the 8 accumulator registers of a lane in one M tile:
 // register i of MMA p is weight column 2p + i / 2 (MMA row g or g + 8) of
@@ -134,7 +132,6 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     act_quant_gemm_kernel(const ActQuantArgs args) {
   using Codes = SignedCodes<kBits>;
   constexpr int kSteps = kUnroll<kBits, kMTiles>;
-  constexpr int kBatchGroups = kGroupsPerBatch<kSteps, kSymmetric>;
   const S* scales = static_cast<const S*>(args.scales);
   const S* offsets = static_cast<const S*>(args.offsets);
   const int warp = threadIdx.x / 32;
@@ -143,20 +140,19 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   const int t = lane % 4;
   // The row blocks of one strip are consecutive CTAs, so they run together
   // and all but the first read the strip's codes from L2.
-  const int row_blocks = (args.m + 8 * kMTiles - 1) / (8 * kMTiles);
-  const int strip = int(blockIdx.x / row_blocks) * kColumns;
+  const int blocks = row_blocks<kMTiles>(args.m);
+  const int strip = int(blockIdx.x / blocks) * kColumns;
   const int col0 = strip + 4 * g;
-  const int row0 = int(blockIdx.x % row_blocks) * (8 * kMTiles);
+  const int row0 = int(blockIdx.x % blocks) * (8 * kMTiles);
   const int steps = args.k / kStepRows;
   const bool one_group = args.groups == 1;
   const int group_steps = args.group_steps;
   const int group_shift = __ffs(group_steps) - 1;  // a power of two
-  // A batch of steps has its loads in flight together. With groups it is
-  // either within one group (ending it at its last step, or not at all) or
-  // exactly kBatchGroups whole groups; `span` steps end each group term.
-  const int batch = one_group ? kSteps : min(kSteps, kBatchGroups * group_steps);
-  const int span = one_group ? kSteps : min(batch, group_steps);
-  const int run_steps = one_group ? kSteps : max(group_steps, batch);
+  // A batch of steps has its loads in flight together and ends no group but
+  // at its last step, so one set of scales serves it (groups of fewer steps
+  // than kSteps get shorter batches).
+  const int batch = one_group ? kSteps : min(group_steps, kSteps);
+  const int run_steps = one_group ? kSteps : max(group_steps, kSteps);
 
   // Lanes past N read the last four columns and lanes past M the last row
   // instead: their sums are never stored, and no load needs a predicate but
@@ -223,33 +219,26 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
           xv[u][mt] = in_batch ? __ldg(p) : make_uint2(0, 0);
         }
       }
-      // How many groups end in this batch: K is whole groups, so a batch of
-      // several groups ends each one that K still holds.
-      const int groups_ending =
-          one_group ? 0
-          : batch > group_steps ? min(kBatchGroups, (steps - base) >> group_shift)
-          : ((base + batch) & (group_steps - 1)) == 0 ? 1 : 0;
-      Quad<S> scale[kBatchGroups] = {};
-      Quad<S> offset[kBatchGroups] = {};
-      int32_t tsum[kBatchGroups][kMTiles][2] = {};  // t of rows 2t, 2t + 1 of each tile
-#pragma unroll
-      for (int j = 0; j < kBatchGroups; ++j) {
-        if (j >= groups_ending) break;
-        const int group = (base + j * span + span - 1) >> group_shift;
-        scale[j].load(scales + int64_t{group} * args.n + col_read);
-        if (!kSymmetric) offset[j].load(offsets + int64_t{group} * args.n + col_read);
+      const bool ends_group = !one_group && ((base + batch) & (group_steps - 1)) == 0;
+      const int group = (base + batch - 1) >> group_shift;
+      Quad<S> scale = {};
+      Quad<S> offset = {};
+      int32_t tsum[kMTiles][2] = {};  // t of rows 2t, 2t + 1 of each tile
+      if (ends_group) {
+        scale.load(scales + int64_t{group} * args.n + col_read);
+        if (!kSymmetric) offset.load(offsets + int64_t{group} * args.n + col_read);
 #pragma unroll
         for (int mt = 0; mt < kMTiles && !kSymmetric; ++mt) {
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int m = min(row0 + mt * 8 + 2 * t + r, args.m - 1);
-            tsum[j][mt][r] = __ldg(args.group_sums + int64_t{group} * args.m + m);
+            tsum[mt][r] = __ldg(args.group_sums + int64_t{group} * args.m + m);
           }
         }
       }
 #pragma unroll
       for (int u = 0; u < kSteps; ++u) {
-        if (u >= batch) break;  // shorter batches of long groups
+        if (u >= batch) break;  // shorter batches of small groups
         uint32_t b[kMTiles][2];
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) Codes::b_fragment(xv[u][mt], b[mt][0], b[mt][1]);
@@ -260,14 +249,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) mma_s8(iacc[mt][p], a, b[mt][0], b[mt][1]);
         }
-        // After the last step of each span, the group ending there (the
-        // batch's j-th) becomes a float32 term; constant indices keep the
-        // scales in registers (j is 0 or 1).
-        const int j = u < span ? 0 : 1;
-        if (((u + 1) & (span - 1)) != 0 || j >= groups_ending) continue;
-        if (j == 0) add_terms(scale[0], offset[0], tsum[0]);
-        else add_terms(scale[kBatchGroups - 1], offset[kBatchGroups - 1], tsum[kBatchGroups - 1]);
       }
+      if (ends_group) add_terms(scale, offset, tsum);
     }
   }
 
@@ -309,8 +292,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
 
 template <typename S, int kBits, bool kSymmetric, int kMTiles>
 cudaError_t launch_gemm(const ActQuantArgs& args, cudaStream_t stream) {
-  const int64_t ctas = int64_t{(args.n + kColumns - 1) / kColumns} *
-                       ((args.m + 8 * kMTiles - 1) / (8 * kMTiles));
+  const int64_t ctas = int64_t{(args.n + kColumns - 1) / kColumns} * row_blocks<kMTiles>(args.m);
   if (ctas > INT32_MAX) return cudaErrorInvalidConfiguration;
   act_quant_gemm_kernel<S, kBits, kSymmetric, kMTiles>
       <<<unsigned(ctas), kThreads, 0, stream>>>(args);
