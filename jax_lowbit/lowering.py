@@ -4,8 +4,8 @@ CPU: the C++ handlers take float32 scales, offsets, x and y; dtype
 conversions around the call are left to XLA, which fuses them.
 CUDA: matmul with int4/int2 codes and bf16/fp16 x runs a fused kernel. On
 sm_90 GPUs dense weights from LARGE_M_MIN_ROWS rows on run the wgmma kernel
-(gemm_large_m.cu), and so do symmetric 2:4 sparse weights above
-SPARSE_SMALL_M_MAX_ROWS rows, as dense int4 codes. Otherwise, up to 64
+(gemm_large_m.cu), and 2:4 sparse weights from SPARSE_LARGE_M_MIN_ROWS rows
+its sparse form (wgmma.mma_async.sp). Otherwise, up to 64
 rows, one handler per format picks the kernel by M (cc/cuda/gemm_small_m.cu:
 the small-M or mid-M kernel; gemm_sparse_small_m.cu for 2:4 sparse weights:
 its direct or staged kernel). Everything else is the dequantize kernel
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import mlir
 
-from jax_lowbit import _extension, formats, partitioning, sparsity
+from jax_lowbit import _extension, formats, partitioning
 from jax_lowbit.primitives import WeightFormat, contract, dequantize_p, matmul_p
 
 
@@ -116,16 +116,16 @@ LARGE_M_K_MULTIPLE = 64  # a pipeline stage of the wgmma kernel
 # From this many rows on, the wgmma kernel was faster than the small-M and
 # mid-M kernels on the H100 (docs/perf.md); other GPUs keep those to 64 rows.
 LARGE_M_MIN_ROWS = 17
+SPARSE_LARGE_M_MIN_ROWS = SPARSE_SMALL_M_MAX_ROWS + 1
 
 
 def uses_large_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> bool:
     """Whether a CUDA matmul of ``rows`` rows runs the wgmma kernel (sm_90 only):
-    dense weights from LARGE_M_MIN_ROWS rows, symmetric 2:4 sparse ones above
-    SPARSE_SMALL_M_MAX_ROWS (as dense codes, sparsity.dense_codes); K a
-    multiple of 64 and N of 8."""
+    dense weights from LARGE_M_MIN_ROWS rows, 2:4 sparse ones from
+    SPARSE_LARGE_M_MIN_ROWS; K a multiple of 64 and N of 8."""
     k, n = fmt.shape
-    min_rows = SPARSE_SMALL_M_MAX_ROWS + 1 if fmt.sparsity else LARGE_M_MIN_ROWS
-    return ((not fmt.sparsity or fmt.symmetric) and rows >= min_rows
+    min_rows = SPARSE_LARGE_M_MIN_ROWS if fmt.sparsity else LARGE_M_MIN_ROWS
+    return (rows >= min_rows
             and _fused_kernels_take(fmt, dtype, scale_dtype)
             and k % LARGE_M_K_MULTIPLE == 0 and n % 8 == 0
             and _extension.cuda_devices_are_hopper())
@@ -137,12 +137,7 @@ def _matmul_cuda(x, *weight, fmt: WeightFormat):
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
     codes, scales, offsets, metadata = fmt.split(weight)
     if uses_large_m_kernel(fmt, x.dtype, scales.dtype, rows):
-        target = "jax_lowbit_gemm_large_m"
-        if fmt.sparsity:
-            # The kernel reads dense words: an int4 copy of the weight (4 bits
-            # a weight where the sparse one has 3), not a bf16 one.
-            codes = sparsity.dense_codes(codes, metadata, formats.symmetric_offset(fmt.bits))
-            metadata = None
+        target = _target(fmt, "gemm_large_m")
     elif uses_small_m_kernel(fmt, x.dtype, scales.dtype, rows):
         target = _target(fmt, "gemm_small_m")
     else:

@@ -36,25 +36,27 @@ def test_large_m_uses_wgmma_kernel_on_sm90(x_shape, bits, symmetric, hopper, rng
     assert cuda_targets(x_shape, jnp.bfloat16, qw) == (LARGE_M if hopper else elsewhere)
 
 
-@pytest.mark.parametrize("rows", [65, 300])
+@pytest.mark.parametrize("rows", [lowering.SPARSE_LARGE_M_MIN_ROWS, 300])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_large_m_sparse_uses_wgmma_kernel_on_sm90_if_symmetric(rows, symmetric, hopper, rng):
+def test_large_m_sparse_uses_sparse_wgmma_kernel_on_sm90(rows, symmetric, hopper, rng):
     qw = jax_lowbit.quantize(rng.normal(size=(256, 64)).astype(np.float32), 4, 128,
                              symmetric=symmetric, sparsity="2:4")
-    want = LARGE_M if hopper and symmetric else {"jax_lowbit_sparse_dequantize"}
+    elsewhere = ({"jax_lowbit_sparse_gemm_small_m"} if rows <= lowering.SPARSE_SMALL_M_MAX_ROWS
+                 else {"jax_lowbit_sparse_dequantize"})
+    want = {"jax_lowbit_sparse_gemm_large_m"} if hopper else elsewhere
     assert cuda_targets((rows, 256), jnp.bfloat16, qw) == want
 
 
 @pytest.mark.parametrize("case", ["K not a multiple of 64", "N not a multiple of 8",
-                                  "2:4 sparse, asymmetric", "float32 x"])
+                                  "2:4 sparse, N not a multiple of 8", "float32 x"])
 def test_large_m_other_cases_dequantize_then_dot(case, hopper, rng):
     k, n, sparsity, x_dtype, rows, symmetric = 256, 64, None, jnp.bfloat16, 200, True
     if case == "K not a multiple of 64":
         k = 224
     elif case == "N not a multiple of 8":
         n = 68
-    elif case == "2:4 sparse, asymmetric":
-        sparsity, symmetric = "2:4", False
+    elif case == "2:4 sparse, N not a multiple of 8":
+        sparsity, n = "2:4", 68
     else:
         x_dtype = jnp.float32
     qw = jax_lowbit.quantize(rng.normal(size=(k, n)).astype(np.float32), 4, 32,

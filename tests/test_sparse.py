@@ -319,10 +319,7 @@ def test_cuda_dispatch(rng):
     for rows in (1, 16, 33, lowering.SPARSE_SMALL_M_MAX_ROWS):
         assert cuda_targets((rows, 256), jnp.bfloat16, qw) == fused
         assert cuda_targets((rows, 256), jnp.float16, qw) == fused
-    # Above: the wgmma kernel on sm_90 for this symmetric weight (test_dispatch.py).
-    asymmetric = _cached_sparse(256, 64, symmetric=False)
-    assert cuda_targets((lowering.SPARSE_SMALL_M_MAX_ROWS + 1, 256), jnp.bfloat16,
-                        asymmetric) == dequantize
+    # Above: the sparse wgmma kernel on sm_90 (test_dispatch.py).
     assert cuda_targets((1, 256), jnp.float32, qw) == dequantize
     assert cuda_targets((1, 256), jnp.bfloat16, _sparse(rng, 256, 66)) == dequantize
     f32_scales = _sparse(rng, 256, 64, scale_dtype=jnp.float32)
@@ -377,18 +374,27 @@ def test_gpu_small_m_kernel_on_random_words(m, symmetric, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [65, 300])  # 256 x 128 and 128 x 256 tiles
-@pytest.mark.parametrize("group_size", [32, 128, -1])
+# Each tile (256 x 64 up to 64 rows, 256 x 128 to 128, then 128 x 256), M past
+# the last tile's rows; the lowering's threshold is lowered so that 17 and 64
+# rows reach the kernel too.
+@pytest.mark.parametrize("m", [17, 64, 65, 129, 300])
+# K: 3 stages (an odd number: the kernel's last round of two stages is cut
+# short), 2, and 66 split over a cluster in unequal shares, odd ones among
+# them. N: one tile partly past N.
+@pytest.mark.parametrize("k, group_size", [(192, 32), (192, -1), (128, 128), (4224, 32),
+                                           (4224, 128), (4224, -1)])
+@pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("k", [128, 4224])  # without and with a K split
-def test_gpu_symmetric_large_m_writes_every_element(m, group_size, dtype, k, rng):
-    """Symmetric 2:4 weights above 64 rows: dense codes through the wgmma kernel on sm_90."""
-    qw = _sparse(rng, k, 200, group_size, symmetric=True)
+def test_gpu_large_m_writes_every_element(m, k, group_size, symmetric, dtype, rng, monkeypatch):
+    """2:4 weights on sparse tensor cores (wgmma.mma_async.sp, sm_90)."""
+    if not _extension.cuda_devices_are_hopper():
+        pytest.skip("the sparse wgmma kernel needs sm_90")
+    monkeypatch.setattr(lowering, "SPARSE_LARGE_M_MIN_ROWS", 17)
+    qw = _sparse(rng, k, 200, group_size, symmetric)
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)
-    if _extension.cuda_devices_are_hopper():
-        assert cuda_targets(x.shape, x.dtype, qw) == {"jax_lowbit_gemm_large_m"}
+    assert cuda_targets(x.shape, x.dtype, qw) == {"jax_lowbit_sparse_gemm_large_m"}
     assert_kernel_matmul(x, qw)
-    assert_kernel_matmul(x, _random_weight(rng, k, 200, group_size, symmetric=True))
+    assert_kernel_matmul(x, _random_weight(rng, k, 200, group_size, symmetric))
 
 
 @pytest.mark.gpu

@@ -102,22 +102,33 @@ using Rows64Tile = Tile<2, 64>;
 using Rows128Tile = Tile<2, 128>;
 using Rows256Tile = Tile<1, 256>;
 
-template <int kBits, typename TileShape>
+// A stage's shape and shared-memory layout for dense int2/int4 codes, or
+// 2:4 sparse int4 ones (kSparse: kept codes and their metadata).
+template <int kBits, bool kSparse, typename TileShape>
 struct LargeConfig : TileShape {
   using TileShape::kBlocks, TileShape::kColumns, TileShape::kRows;
-  static constexpr int kPerWord = codes_per_word(kBits);
-  static constexpr int kWordRows = kStageK / kPerWord;
+  // Rows of K per MMA step (m64nRk16, or m64nRk32 on sparse tensor cores)
+  // and per code word (8 int4 or 16 int2 codes; 8 kept codes of four quads).
+  static constexpr int kStepK = kSparse ? 32 : 16;
+  static constexpr int kSteps = kStageK / kStepK;
+  static constexpr int kWordK = kSparse ? kSparseRowsPerWord : codes_per_word(kBits);
+  static constexpr int kWordRows = kStageK / kWordK;
   // Stage layout: x (kRows rows of 128 bytes), code words (kWordRows rows of
-  // kColumns), then kScaleRows rows of scales and of offsets (groups have at
-  // least 32 rows, so a stage touches at most two groups).
+  // kColumns), kScaleRows rows of scales and of offsets (groups have at
+  // least 32 rows, so a stage touches at most two groups), then for sparse
+  // weights their metadata rows (one per word row: a stage is one block of
+  // four, docs/formats.md).
   static constexpr int kScaleRows = kStageK / 32;
   static constexpr int kXBytes = kRows * kStageK * 2;
   static constexpr int kCodeRowBytes = kColumns * 4;
   static constexpr int kScaleRowBytes = kColumns * 2;
+  static constexpr int kMetadataRowBytes = kColumns * 2;
   static constexpr int kCodeOffset = kXBytes;
   static constexpr int kScaleOffset = kCodeOffset + kWordRows * kCodeRowBytes;
   static constexpr int kOffsetOffset = kScaleOffset + kScaleRows * kScaleRowBytes;
-  static constexpr int kBytes = kOffsetOffset + kScaleRows * kScaleRowBytes;
+  static constexpr int kMetadataOffset = kOffsetOffset + kScaleRows * kScaleRowBytes;
+  static constexpr int kMetadataBytes = kSparse ? kWordRows * kMetadataRowBytes : 0;
+  static constexpr int kBytes = kMetadataOffset + kMetadataBytes;
   // The stages' mbarriers follow the ring.
   static constexpr int kBarrierOffset = kStages * kBytes;
   static constexpr int kSharedBytes = kBarrierOffset + kStages * 8;
@@ -125,17 +136,18 @@ struct LargeConfig : TileShape {
 };
 
 // The TMA tiles of a stage: x (kRows rows x 64 of K, swizzled), code words
-// (kWordRows x kColumns), and scale and offset rows (scale_rows x kColumns:
-// two for 32-row groups, else one).
+// (kWordRows x kColumns), scale and offset rows (scale_rows x kColumns: two
+// for 32-row groups, else one), and for sparse weights metadata rows
+// (kWordRows x kColumns).
 struct StageMaps {
-  CUtensorMap x, codes, scales, offsets;
+  CUtensorMap x, codes, scales, offsets, metadata;
 };
 
-template <typename T, int kBits, bool kSymmetric, typename TileShape>
+template <typename T, int kBits, bool kSymmetric, bool kSparse, typename TileShape>
 __global__ void __launch_bounds__(kLargeThreads, 1)
     gemm_large_m_kernel(StagedParams<T> p, int row_tiles, const __grid_constant__ StageMaps maps) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using L = LargeConfig<kBits, TileShape>;
+  using L = LargeConfig<kBits, kSparse, TileShape>;
   constexpr int kBlocks = L::kBlocks, kRows = L::kRows, kColumns = L::kColumns;
   using Pair = typename Activation<T>::Pair;
   using Dq = Dequantizer<T, kBits, kSymmetric>;
@@ -165,16 +177,23 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
 
   // Left unset: the first wgmma overwrites them (see wgmma.cuh).
   float acc[kBlocks][kRows / 2];
-  // One A register set per step of a stage: the set of step s + 1 is filled
-  // while the wgmmas of steps s - 2 .. s run.
-  uint32_t a[kStageK / 16][kBlocks][4];
+  // kSets A register sets (and metadata registers, sparse weights only), used
+  // by the steps in turn: the set of step s + 1 is filled while the wgmmas of
+  // steps s - 2 .. s run. A round is the stages whose steps use each set once
+  // (one dense stage of four k16 steps, two sparse ones of two k32 steps), so
+  // that set indices are constants.
+  constexpr int kSets = 4;
+  constexpr int kRound = kSets / L::kSteps;
+  uint32_t a[kSets][kBlocks][4];
+  uint32_t e[kSets][kBlocks];
 
   // Stage j lives in slot j % kStages and completes phase j / kStages of its
   // slot's barrier.
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBarrierOffset);
   const int scale_rows = p.group_shift >= 6 ? 1 : L::kScaleRows;
   const uint32_t stage_bytes = L::kXBytes + L::kWordRows * L::kCodeRowBytes +
-                               (kSymmetric ? 1 : 2) * scale_rows * L::kScaleRowBytes;
+                               (kSymmetric ? 1 : 2) * scale_rows * L::kScaleRowBytes +
+                               L::kMetadataBytes;
   auto load = [&](int j) {  // thread 0 only
     char* stage = smem + (j % kStages) * L::kBytes;
     uint64_t* barrier = full + j % kStages;
@@ -182,23 +201,26 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
     const int scale_row = p.group_shift >= 31 ? 0 : k0 >> p.group_shift;
     tma::expect_bytes(barrier, stage_bytes);
     tma::load_2d(stage, &maps.x, row0, k0, barrier);
-    tma::load_2d(stage + L::kCodeOffset, &maps.codes, k0 / L::kPerWord, col0, barrier);
+    tma::load_2d(stage + L::kCodeOffset, &maps.codes, k0 / L::kWordK, col0, barrier);
     tma::load_2d(stage + L::kScaleOffset, &maps.scales, scale_row, col0, barrier);
     if (!kSymmetric) {
       tma::load_2d(stage + L::kOffsetOffset, &maps.offsets, scale_row, col0, barrier);
     }
+    if (kSparse) {
+      tma::load_2d(stage + L::kMetadataOffset, &maps.metadata, k0 / L::kWordK, col0, barrier);
+    }
   };
   tma::start_ring(full, kStages, kStages - 2, stages, load);
   // At stage j both warpgroups are past the wgmmas of stage j - 2 (at most
-  // three groups, of stage j - 1, run) and its dequantization: its slot is
-  // refilled then.
+  // three groups, of stage j - 1 or later, run) and its dequantization: its
+  // slot is refilled then.
   auto begin_stage = [&](int j) {
     tma::begin_ring_stage(full, kStages, kStages - 2, j, stages, load);
   };
-  // The A fragments of rows 16 step .. + 15 of a stage.
+  // The A fragments of rows kStepK step .. + kStepK - 1 of a stage.
   auto dequantize = [&](const char* stage, int step, uint32_t(&frag)[kBlocks][4]) {
-    // Those rows are in scale row (16 step) >> shift of the stage.
-    const int scale_row = p.group_shift >= 6 ? 0 : (16 * step) >> p.group_shift;
+    // Those rows are in scale row (kStepK step) >> shift of the stage.
+    const int scale_row = p.group_shift >= 6 ? 0 : (L::kStepK * step) >> p.group_shift;
 #pragma unroll
     for (int b = 0; b < kBlocks; ++b) {
       const int at = scale_row * L::kScaleRowBytes + 2 * column[b];
@@ -209,11 +231,13 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
       const uint32_t offset[2] = {broadcast_low(o), broadcast_high(o)};
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        // Rows 16 step + 8 half + 2t, + 1 of the stage: word row and code pair.
-        const int row = 16 * step + 8 * half;
+        // Dense: rows kStepK step + 8 half + 2t, + 1 of the stage, a code pair
+        // of one word. Sparse: quad 4 half + t of the k32 step, the kept pair t
+        // of word row 2 step + half.
+        const int row = L::kStepK * step + L::kStepK / 2 * half;
         const uint2 words = *reinterpret_cast<const uint2*>(
-            stage + L::kCodeOffset + (row / L::kPerWord) * L::kCodeRowBytes + 4 * column[b]);
-        const int pair = row % L::kPerWord / 2 + t;
+            stage + L::kCodeOffset + (row / L::kWordK) * L::kCodeRowBytes + 4 * column[b]);
+        const int pair = (kSparse ? 0 : row % L::kWordK / 2) + t;
         frag[b][2 * half] =
             Dq::pair(words.x, pair, as_pair<Pair>(scale[0]), as_pair<Pair>(offset[0]));
         frag[b][2 * half + 1] =
@@ -221,29 +245,76 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
       }
     }
   };
+  // A sparse weight's metadata registers for rows kStepK step .. + kStepK - 1
+  // of a stage. This lane's register (wgmma.cuh) holds quads 0-3 of word row
+  // 2 step + t % 2 of the stage, columns column[b] (bits 0-15) and + 1
+  // (16-31), a nibble per quad in quad order. Metadata row q of the stage
+  // holds quad q of its four word rows, word row w's in nibble w
+  // (docs/formats.md), so this is column w of a 4 x 4 nibble transpose.
+  auto read_metadata = [&](const char* stage, int step, uint32_t(&metadata)[kBlocks]) {
+    const int shift = 4 * (2 * step + (t & 1));
+#pragma unroll
+    for (int b = 0; b < kBlocks; ++b) {
+      uint32_t nibbles = 0;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t row = *reinterpret_cast<const uint32_t*>(
+            stage + L::kMetadataOffset + q * L::kMetadataRowBytes + 2 * column[b]);
+        nibbles |= (row >> shift & 0x000F000Fu) << (4 * q);
+      }
+      // Columns past N arrive as zeros, an invalid pattern; their outputs
+      // are not stored, so any valid one (rows 0 and 1) will do.
+      metadata[b] = col0 + column[b] < p.n ? nibbles : 0x44444444u;
+    }
+  };
 
   begin_stage(0);
   dequantize(smem, 0, a[0]);
-  for (int j = 0; j < stages; ++j) {
-    const char* stage = smem + (j % kStages) * L::kBytes;
-    const uint32_t x_base = shared_address(stage);
+  for (int j0 = 0; j0 < stages; j0 += kRound) {
+    if (kSparse) {
+      // The round's metadata registers, defined while no wgmma runs: ptxas
+      // serializes every wgmma.sp of a kernel that defines a metadata
+      // register with wgmmas in flight (C7513). Stage j0 + 1 is awaited now.
+      wgmma::wait<0>();
+      if (j0 + 1 < stages) begin_stage(j0 + 1);
 #pragma unroll
-    for (int step = 0; step < kStageK / 16; ++step) {
-      // B: rows 16 step .. + 15 of K, 32 bytes into every 128-byte row of x.
-      const uint64_t desc = wgmma::descriptor_sw128(x_base + 32 * step);
-      wgmma::fence();
+      for (int r = 0; r < kRound; ++r) {
+        if (j0 + r == stages) break;
 #pragma unroll
-      for (int b = 0; b < kBlocks; ++b) {
-        wgmma::Mma<T>::mma(acc[b], a[step][b], desc, j > 0 || step > 0);
+        for (int step = 0; step < L::kSteps; ++step) {
+          read_metadata(smem + ((j0 + r) % kStages) * L::kBytes, step, e[r * L::kSteps + step]);
+        }
       }
-      wgmma::commit();
-      if (step + 1 < kStageK / 16) {
-        dequantize(stage, step + 1, a[step + 1]);
-      } else if (j + 1 < stages) {
-        begin_stage(j + 1);
-        dequantize(smem + ((j + 1) % kStages) * L::kBytes, 0, a[0]);
+    }
+#pragma unroll
+    for (int r = 0; r < kRound; ++r) {
+      const int j = j0 + r;
+      if (j == stages) break;
+      const char* stage = smem + (j % kStages) * L::kBytes;
+      const uint32_t x_base = shared_address(stage);
+#pragma unroll
+      for (int step = 0; step < L::kSteps; ++step) {
+        const int set = r * L::kSteps + step, next = (set + 1) % kSets;
+        // B: rows kStepK step .. of K, 2 kStepK bytes into every 128-byte row of x.
+        const uint64_t desc = wgmma::descriptor_sw128(x_base + 2 * L::kStepK * step);
+        wgmma::fence();
+#pragma unroll
+        for (int b = 0; b < kBlocks; ++b) {
+          if (kSparse) {
+            wgmma::SparseMma<T>::mma(acc[b], a[set][b], desc, j > 0 || step > 0, e[set][b]);
+          } else {
+            wgmma::Mma<T>::mma(acc[b], a[set][b], desc, j > 0 || step > 0);
+          }
+        }
+        wgmma::commit();
+        if (step + 1 < L::kSteps) {
+          dequantize(stage, step + 1, a[next]);
+        } else if (j + 1 < stages) {
+          if (r + 1 == kRound) begin_stage(j + 1);  // (a sparse round's second stage: above)
+          dequantize(smem + ((j + 1) % kStages) * L::kBytes, 0, a[next]);
+        }
+        wgmma::wait<2>();  // the wgmmas of two steps back are done
       }
-      wgmma::wait<2>();  // the wgmmas of two steps back are done
     }
   }
   wgmma::wait<0>();
@@ -287,11 +358,11 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
 #endif
 }
 
-template <typename T, int kBits, bool kSymmetric, typename TileShape>
+template <typename T, int kBits, bool kSymmetric, bool kSparse, typename TileShape>
 cudaError_t launch(const GemmArgs& args, const StageMaps& maps, int device, cudaStream_t stream) {
-  using L = LargeConfig<kBits, TileShape>;
+  using L = LargeConfig<kBits, kSparse, TileShape>;
   constexpr int kRows = L::kRows, kColumns = L::kColumns;
-  constexpr auto kernel = gemm_large_m_kernel<T, kBits, kSymmetric, TileShape>;
+  constexpr auto kernel = gemm_large_m_kernel<T, kBits, kSymmetric, kSparse, TileShape>;
   cudaError_t err = allow_shared_memory<kernel>(device, L::kSharedBytes);
   if (err != cudaSuccess) return err;
   const int row_tiles = (args.m + kRows - 1) / kRows;
@@ -305,38 +376,64 @@ cudaError_t launch(const GemmArgs& args, const StageMaps& maps, int device, cuda
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-template <typename T, typename TileShape>
+template <typename T, bool kSparse, typename TileShape>
 cudaError_t launch_type(const GemmArgs& args, const StageMaps& maps, bool symmetric, int device,
                         cudaStream_t stream) {
-  if (args.bits == 4) {
-    return symmetric ? launch<T, 4, true, TileShape>(args, maps, device, stream)
-                     : launch<T, 4, false, TileShape>(args, maps, device, stream);
+  if (kSparse || args.bits == 4) {
+    return symmetric ? launch<T, 4, true, kSparse, TileShape>(args, maps, device, stream)
+                     : launch<T, 4, false, kSparse, TileShape>(args, maps, device, stream);
   }
-  return symmetric ? launch<T, 2, true, TileShape>(args, maps, device, stream)
-                   : launch<T, 2, false, TileShape>(args, maps, device, stream);
+  return symmetric ? launch<T, 2, true, false, TileShape>(args, maps, device, stream)
+                   : launch<T, 2, false, false, TileShape>(args, maps, device, stream);
 }
 
 // Launches the kernel of one tile shape (M, N, K > 0): the tensor maps of a
 // stage's tiles (see StageMaps), then the kernel for x's type, bits, symmetry.
-template <typename TileShape>
-ffi::Error launch_tile(const GemmArgs& args, bool bf16, bool symmetric, int device,
-                       cudaStream_t stream) {
+// `metadata` is a sparse weight's (null for dense weights).
+template <bool kSparse, typename TileShape>
+ffi::Error launch_tile(const GemmArgs& args, const uint16_t* metadata, bool bf16, bool symmetric,
+                       int device, cudaStream_t stream) {
   constexpr int kRows = TileShape::kRows, kColumns = TileShape::kColumns;
-  const int per_word = codes_per_word(args.bits);
+  constexpr int kWordK = LargeConfig<4, kSparse, TileShape>::kWordK;
+  const int word_k = kSparse ? kWordK : codes_per_word(args.bits);
   const uint64_t groups = args.group_shift >= 31 ? 1 : uint64_t(args.k) >> args.group_shift;
   const uint32_t scale_rows = args.group_shift >= 6 ? 1 : kStageK / 32;
   StageMaps maps;
   if (!(tma::map_2d(&maps.x, args.x, 2, args.m, args.k, kRows, kStageK, true) &&
-        tma::map_2d(&maps.codes, args.codes, 4, args.k / per_word, args.n, kStageK / per_word,
+        tma::map_2d(&maps.codes, args.codes, 4, args.k / word_k, args.n, kStageK / word_k,
                     kColumns, false) &&
         tma::map_2d(&maps.scales, args.scales, 2, groups, args.n, scale_rows, kColumns, false) &&
         tma::map_2d(&maps.offsets, args.offsets, 2, groups, args.n, scale_rows, kColumns,
-                    false))) {
+                    false) &&
+        (!kSparse || tma::map_2d(&maps.metadata, metadata, 2, args.k / word_k, args.n,
+                                 kStageK / word_k, kColumns, false)))) {
     return ffi::Error::Internal("gemm (large M): the CUDA driver refused a TMA tensor map");
   }
   return launch_result(
-      bf16 ? launch_type<__nv_bfloat16, TileShape>(args, maps, symmetric, device, stream)
-           : launch_type<__half, TileShape>(args, maps, symmetric, device, stream));
+      bf16 ? launch_type<__nv_bfloat16, kSparse, TileShape>(args, maps, symmetric, device, stream)
+           : launch_type<__half, kSparse, TileShape>(args, maps, symmetric, device, stream));
+}
+
+// What both targets do once their arguments are checked (`p`, `args`): the
+// device and shape checks, then the tile for M.
+template <bool kSparse>
+ffi::Error run_large_m(const SmallMProblem& p, const GemmArgs& args, const uint16_t* metadata,
+                       bool bf16, bool symmetric, cudaStream_t stream) {
+  if (p.n % 8 != 0) return ffi::Error::InvalidArgument("gemm (large M): needs N % 8 == 0");
+  int device = 0;
+  ffi::Error error = current_sm90_device("gemm (large M)", device);
+  if (error.failure()) return error;
+  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
+  if (p.k == 0) {  // an empty sum: y = 0 (zero bits in bf16 and fp16)
+    return launch_result(cudaMemsetAsync(p.y, 0, size_t(p.m) * p.n * 2, stream));
+  }
+  if (p.m <= Rows64Tile::kRows) {
+    return launch_tile<kSparse, Rows64Tile>(args, metadata, bf16, symmetric, device, stream);
+  }
+  if (p.m <= Rows128Tile::kRows) {
+    return launch_tile<kSparse, Rows128Tile>(args, metadata, bf16, symmetric, device, stream);
+  }
+  return launch_tile<kSparse, Rows256Tile>(args, metadata, bf16, symmetric, device, stream);
 }
 
 ffi::Error gemm_large_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> codes,
@@ -348,22 +445,26 @@ ffi::Error gemm_large_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
   ffi::Error error = dense_gemm_problem(x, codes, scales, offsets, y, bits, group_size,
                                         [](int) { return kStageK; }, INT32_MAX, p, args);
   if (error.failure()) return error;
-  if (p.n % 8 != 0) return ffi::Error::InvalidArgument("gemm (large M): needs N % 8 == 0");
-  int device = 0;
-  error = current_sm90_device("gemm (large M)", device);
+  return run_large_m<false>(p, args, nullptr, x.element_type() == ffi::BF16, symmetric, stream);
+}
+
+ffi::Error gemm_sparse_large_m_impl(cudaStream_t stream, ffi::AnyBuffer x,
+                                    ffi::Buffer<ffi::U32> codes, ffi::Buffer<ffi::U16> metadata,
+                                    ffi::AnyBuffer scales, ffi::AnyBuffer offsets,
+                                    ffi::Result<ffi::AnyBuffer> y, int32_t bits,
+                                    int64_t group_size, bool symmetric) {
+  WeightShape w;
+  ffi::Error error =
+      sparse_weight_shape(codes.dimensions(), metadata.dimensions(), scales.dimensions(),
+                          offsets.dimensions(), bits, group_size, w);
   if (error.failure()) return error;
-  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
-  if (p.k == 0) {  // an empty sum: y = 0 (zero bits in bf16 and fp16)
-    return launch_result(cudaMemsetAsync(p.y, 0, size_t(p.m) * p.n * 2, stream));
-  }
-  const bool bf16 = x.element_type() == ffi::BF16;
-  if (p.m <= Rows64Tile::kRows) {
-    return launch_tile<Rows64Tile>(args, bf16, symmetric, device, stream);
-  }
-  if (p.m <= Rows128Tile::kRows) {
-    return launch_tile<Rows128Tile>(args, bf16, symmetric, device, stream);
-  }
-  return launch_tile<Rows256Tile>(args, bf16, symmetric, device, stream);
+  SmallMProblem p;
+  error = small_m_problem(x, scales, offsets, y, w, kStageK, INT32_MAX, p);
+  if (error.failure()) return error;
+  const GemmArgs args{p.x, codes.typed_data(), p.scales, p.offsets, p.y, p.m, p.k, p.n, w.bits,
+                      p.group_shift};
+  return run_large_m<true>(p, args, metadata.typed_data(), x.element_type() == ffi::BF16,
+                           symmetric, stream);
 }
 
 }  // namespace
@@ -371,4 +472,7 @@ ffi::Error gemm_large_m_impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitGemmLargeMCuda, jax_lowbit::gemm_large_m_impl,
                               jax_lowbit::dense_gemm_binding(),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitSparseGemmLargeMCuda, jax_lowbit::gemm_sparse_large_m_impl,
+                              jax_lowbit::sparse_gemm_binding(),
                               {xla::ffi::Traits::kCmdBufferCompatible});

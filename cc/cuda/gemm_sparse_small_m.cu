@@ -233,14 +233,6 @@ ffi::Error gemm_sparse_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x,
 }  // namespace
 }  // namespace jax_lowbit
 
-// Symmetric weights pass their scales in the offsets slot; it is not read.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitSparseGemmSmallMCuda, jax_lowbit::gemm_sparse_small_m_impl,
-                              jax_lowbit::with_gemm_output(
-                                  xla::ffi::Ffi::Bind()
-                                      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                      .Arg<xla::ffi::AnyBuffer>()
-                                      .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
-                                      .Arg<xla::ffi::Buffer<xla::ffi::U16>>()
-                                      .Arg<xla::ffi::AnyBuffer>()
-                                      .Arg<xla::ffi::AnyBuffer>()),
+                              jax_lowbit::sparse_gemm_binding(),
                               {xla::ffi::Traits::kCmdBufferCompatible});

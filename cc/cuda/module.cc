@@ -19,6 +19,8 @@ NB_MODULE(_cuda, m) {
         nb::capsule(reinterpret_cast<void*>(LowbitSparseDequantizeCuda));
     targets["jax_lowbit_sparse_gemm_small_m"] =
         nb::capsule(reinterpret_cast<void*>(LowbitSparseGemmSmallMCuda));
+    targets["jax_lowbit_sparse_gemm_large_m"] =
+        nb::capsule(reinterpret_cast<void*>(LowbitSparseGemmLargeMCuda));
     targets["jax_lowbit_int_gemm_small_m"] =
         nb::capsule(reinterpret_cast<void*>(LowbitIntGemmSmallMCuda));
     targets["jax_lowbit_int_gemm_large_m"] =

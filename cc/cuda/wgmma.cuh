@@ -77,44 +77,82 @@ __device__ __forceinline__ uint64_t descriptor_sw128(uint32_t shared_address) {
 // negated, B is not transposed. The first MMA of a tile (of a group, for the
 // s8 kernel) passes accumulate = 0 instead of zeroed accumulators: ptxas
 // serializes every wgmma of a kernel whose accumulators other instructions
-// write. One overload: N columns, REGS accumulators (operands %0 .. REGS-1),
-// then the A registers, the B descriptor and the accumulate flag, whose
-// operand numbers (A_OPS, B_OP, P_OP) follow REGS. SHAPE_TYPES ends the
-// instruction name (k, D type, A and B types), SCALES follows the flag
-// (bf16/fp16 take A and B scales and transposes; integer types do not), and
-// C is the accumulators' register constraint.
-#define JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, SHAPE_TYPES, SCALES, N, REGS, A_OPS, B_OP, P_OP)      \
-  static __device__ __forceinline__ void mma(D_TYPE (&d)[REGS], const uint32_t (&a)[4],      \
-                                             uint64_t b, int accumulate) {                   \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P_OP ", 0;\n"                          \
-                 "wgmma.mma_async.sync.aligned.m64n" #N SHAPE_TYPES " {"                     \
-                 JAX_LOWBIT_WGMMA_D##REGS##_STR "}, {" A_OPS "}, " B_OP ", p" SCALES ";\n}\n" \
-                 : JAX_LOWBIT_WGMMA_D##REGS##_OUT(d, C)                                      \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));     \
+// write.
+//
+// The sparse form (SparseMma, wgmma.mma_async.sp) takes a 2:4 sparse A of
+// 64 x 32 as its 64 x 16 kept values, in the registers and lanes of the
+// dense k16 A fragment (register 0 of lane (g, t): row g, the two kept
+// values of quad t, k-slots 4t .. 4t + 3; register 2: quad t + 4), and a
+// metadata register: the nibbles (docs/formats.md) of rows g (bits 0-15) and
+// g + 8 (16-31) for quads 0-3 (lanes with t even) or 4-7 (t odd) of the
+// warp's 16 rows (PTX ISA 9.7.15.6). Selector 0 reads it from lanes 4g and
+// 4g + 1; callers fill every lane by t % 2, so selector 1 would read the same.
+//
+// One overload: N columns, REGS accumulators (operands %0 .. REGS-1), then
+// the A registers, the B descriptor, the accumulate flag and the metadata
+// (operand numbers A_OPS, B_OP, P_OP, E_OP follow REGS). SP is ".sp" or
+// empty, SHAPE_TYPES ends the instruction name (k, D type, A and B types),
+// FORM is SPARSE or DENSE: FORM##_OPERANDS(E_OP) names the metadata and the
+// selector, FORM##_INPUT passes the metadata (dense forms take neither and
+// ignore the argument), SCALES follows the flag (bf16/fp16 take A and B
+// scales and B's transpose; integer types do not), and C is the accumulators'
+// register constraint.
+#define JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, SP, SHAPE_TYPES, FORM, SCALES, N, REGS, A_OPS, B_OP,     \
+                             P_OP, E_OP)                                                         \
+  static __device__ __forceinline__ void mma(D_TYPE (&d)[REGS], const uint32_t (&a)[4],         \
+                                             uint64_t b, int accumulate,                        \
+                                             uint32_t metadata = 0) {                           \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P_OP ", 0;\n"                             \
+                 "wgmma.mma_async" SP ".sync.aligned.m64n" #N SHAPE_TYPES " {"                   \
+                 JAX_LOWBIT_WGMMA_D##REGS##_STR "}, {" A_OPS "}, " B_OP                  \
+                 JAX_LOWBIT_WGMMA_##FORM##_OPERANDS(E_OP) ", p" SCALES  \
+                 ";\n}\n"                                                                        \
+                 : JAX_LOWBIT_WGMMA_D##REGS##_OUT(d, C)                                         \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),                          \
+                   "r"(accumulate) JAX_LOWBIT_WGMMA_##FORM##_INPUT);                            \
   }
-#define JAX_LOWBIT_WGMMA_RA(D_TYPE, C, SHAPE_TYPES, SCALES)                                   \
-  JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, SHAPE_TYPES, SCALES, 64, 32, "%32, %33, %34, %35", "%36",   \
-                       "%37")                                                                 \
-  JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, SHAPE_TYPES, SCALES, 128, 64, "%64, %65, %66, %67", "%68",  \
-                       "%69")                                                                 \
-  JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, SHAPE_TYPES, SCALES, 256, 128, "%128, %129, %130, %131",    \
-                       "%132", "%133")
+#define JAX_LOWBIT_WGMMA_RA(D_TYPE, C, SP, SHAPE_TYPES, FORM, SCALES)                            \
+  JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, SP, SHAPE_TYPES, FORM, SCALES, 64, 32, "%32, %33, %34, %35",   \
+                       "%36", "%37", "%38")                                                      \
+  JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, SP, SHAPE_TYPES, FORM, SCALES, 128, 64, "%64, %65, %66, %67",  \
+                       "%68", "%69", "%70")                                                      \
+  JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, SP, SHAPE_TYPES, FORM, SCALES, 256, 128,                       \
+                       "%128, %129, %130, %131", "%132", "%133", "%134")
+#define JAX_LOWBIT_WGMMA_DENSE_OPERANDS(E_OP) ""
+#define JAX_LOWBIT_WGMMA_DENSE_INPUT
+#define JAX_LOWBIT_WGMMA_SPARSE_OPERANDS(E_OP) ", " E_OP ", 0"
+#define JAX_LOWBIT_WGMMA_SPARSE_INPUT , "r"(metadata)
 
 template <typename T>
 struct Mma;
 template <>
 struct Mma<__nv_bfloat16> {
-  JAX_LOWBIT_WGMMA_RA(float, "+f", "k16.f32.bf16.bf16", ", 1, 1, 0")
+  JAX_LOWBIT_WGMMA_RA(float, "+f", "", "k16.f32.bf16.bf16", DENSE, ", 1, 1, 0")
 };
 template <>
 struct Mma<__half> {
-  JAX_LOWBIT_WGMMA_RA(float, "+f", "k16.f32.f16.f16", ", 1, 1, 0")
+  JAX_LOWBIT_WGMMA_RA(float, "+f", "", "k16.f32.f16.f16", DENSE, ", 1, 1, 0")
 };
 template <>
 struct Mma<int8_t> {
-  JAX_LOWBIT_WGMMA_RA(int32_t, "+r", "k32.s32.s8.s8", "")
+  JAX_LOWBIT_WGMMA_RA(int32_t, "+r", "", "k32.s32.s8.s8", DENSE, "")
 };
 
+template <typename T>
+struct SparseMma;
+template <>
+struct SparseMma<__nv_bfloat16> {
+  JAX_LOWBIT_WGMMA_RA(float, "+f", ".sp", "k32.f32.bf16.bf16", SPARSE, ", 1, 1, 0")
+};
+template <>
+struct SparseMma<__half> {
+  JAX_LOWBIT_WGMMA_RA(float, "+f", ".sp", "k32.f32.f16.f16", SPARSE, ", 1, 1, 0")
+};
+
+#undef JAX_LOWBIT_WGMMA_DENSE_OPERANDS
+#undef JAX_LOWBIT_WGMMA_DENSE_INPUT
+#undef JAX_LOWBIT_WGMMA_SPARSE_OPERANDS
+#undef JAX_LOWBIT_WGMMA_SPARSE_INPUT
 #undef JAX_LOWBIT_WGMMA_RA
 #undef JAX_LOWBIT_WGMMA_MMA
 #undef JAX_LOWBIT_WGMMA_D32_STR
