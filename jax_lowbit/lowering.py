@@ -80,7 +80,8 @@ def _dequantize_cuda(*weight, fmt: WeightFormat, dtype):
 
 
 SMALL_M_MAX_ROWS = 64
-SPARSE_SMALL_M_MAX_ROWS = 64  # 2:4 sparse: direct kernel up to 8 rows, staged kernel 9..64
+# 2:4 sparse: direct kernel up to 8 rows, staged kernel 9..64 (to 16 on sm_90).
+SPARSE_SMALL_M_MAX_ROWS = 64
 
 
 def _fused_kernels_take(fmt: WeightFormat, dtype, scale_dtype) -> bool:
@@ -114,9 +115,10 @@ def uses_small_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> boo
 
 LARGE_M_K_MULTIPLE = 64  # a pipeline stage of the wgmma kernel
 # From this many rows on, the wgmma kernel was faster than the small-M and
-# mid-M kernels on the H100 (docs/perf.md); other GPUs keep those to 64 rows.
+# mid-M kernels on the H100 (docs/perf.md), for dense and for 2:4 sparse
+# weights; other GPUs keep those to 64 rows.
 LARGE_M_MIN_ROWS = 17
-SPARSE_LARGE_M_MIN_ROWS = SPARSE_SMALL_M_MAX_ROWS + 1
+SPARSE_LARGE_M_MIN_ROWS = 17
 
 
 def uses_large_m_kernel(fmt: WeightFormat, dtype, scale_dtype, rows: int) -> bool:

@@ -312,14 +312,16 @@ def test_inconsistent_arrays_are_refused_at_trace_time(rng):
 # --- CUDA dispatch (exported for CUDA on any machine) ----------------------------------
 
 @pytest.mark.skipif(not jax_lowbit.build_info()["cuda"], reason="built without CUDA")
-def test_cuda_dispatch(rng):
+def test_cuda_dispatch(hopper, rng):
     qw = _cached_sparse(256, 64)
     fused, dequantize = {"jax_lowbit_sparse_gemm_small_m"}, {"jax_lowbit_sparse_dequantize"}
+    large_m = {"jax_lowbit_sparse_gemm_large_m"}
     assert lowering.SPARSE_SMALL_M_MAX_ROWS == 64
-    for rows in (1, 16, 33, lowering.SPARSE_SMALL_M_MAX_ROWS):
-        assert cuda_targets((rows, 256), jnp.bfloat16, qw) == fused
-        assert cuda_targets((rows, 256), jnp.float16, qw) == fused
-    # Above: the sparse wgmma kernel on sm_90 (test_dispatch.py).
+    for rows in (1, 16, 17, 33, lowering.SPARSE_SMALL_M_MAX_ROWS):
+        want = large_m if hopper and rows >= lowering.SPARSE_LARGE_M_MIN_ROWS else fused
+        assert cuda_targets((rows, 256), jnp.bfloat16, qw) == want
+        assert cuda_targets((rows, 256), jnp.float16, qw) == want
+    # More rows: the sparse wgmma kernel on sm_90 (test_dispatch.py), else dequantize.
     assert cuda_targets((1, 256), jnp.float32, qw) == dequantize
     assert cuda_targets((1, 256), jnp.bfloat16, _sparse(rng, 256, 66)) == dequantize
     f32_scales = _sparse(rng, 256, 64, scale_dtype=jnp.float32)
@@ -327,6 +329,14 @@ def test_cuda_dispatch(rng):
 
 
 # --- GPU -------------------------------------------------------------------------------
+
+@pytest.fixture
+def staged_on_sm90(monkeypatch):
+    """Sends up to 64 rows to the direct and staged kernels on sm_90 too, where
+    the lowering takes the sparse wgmma kernel from 17 rows (other GPUs run
+    them to 64)."""
+    monkeypatch.setattr(lowering, "SPARSE_LARGE_M_MIN_ROWS", lowering.SPARSE_SMALL_M_MAX_ROWS + 1)
+    yield
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("group_size", [32, 128, -1])
@@ -343,7 +353,8 @@ def test_gpu_dequantize_writes_every_element(group_size, symmetric, dtype, rng):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("k", [512, 4224])  # 4224: several passes of each warp's loop
-def test_gpu_small_m_kernel_writes_every_element(m, group_size, symmetric, dtype, k, rng):
+def test_gpu_small_m_kernel_writes_every_element(m, group_size, symmetric, dtype, k, rng,
+                                                 staged_on_sm90):
     n = 200  # N not a multiple of the CTA's 32 columns
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)
     assert_kernel_matmul(x, _sparse(rng, k, n, group_size, symmetric))
@@ -359,7 +370,8 @@ def test_gpu_small_m_kernel_writes_every_element(m, group_size, symmetric, dtype
                                               (4224, 1004, 128)])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_gpu_staged_kernel_writes_every_element(m, k, n, group_size, symmetric, dtype, rng):
+def test_gpu_staged_kernel_writes_every_element(m, k, n, group_size, symmetric, dtype, rng,
+                                                staged_on_sm90):
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)
     assert_kernel_matmul(x, _sparse(rng, k, n, group_size, symmetric))
 
@@ -367,7 +379,7 @@ def test_gpu_staged_kernel_writes_every_element(m, k, n, group_size, symmetric, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 9, 32, 64])  # the direct kernel, then the staged one
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_gpu_small_m_kernel_on_random_words(m, symmetric, rng):
+def test_gpu_small_m_kernel_on_random_words(m, symmetric, rng, staged_on_sm90):
     """Every valid nibble in every position: catches a wrong metadata lane or selector."""
     qw = _random_weight(rng, 1024, 96, 64, symmetric)
     assert_kernel_matmul(jnp.asarray(rng.normal(size=(m, 1024)), jnp.bfloat16), qw)
@@ -375,8 +387,7 @@ def test_gpu_small_m_kernel_on_random_words(m, symmetric, rng):
 
 @pytest.mark.gpu
 # Each tile (256 x 64 up to 64 rows, 256 x 128 to 128, then 128 x 256), M past
-# the last tile's rows; the lowering's threshold is lowered so that 17 and 64
-# rows reach the kernel too.
+# the last tile's rows.
 @pytest.mark.parametrize("m", [17, 64, 65, 129, 300])
 # K: 3 stages (an odd number: the kernel's last round of two stages is cut
 # short), 2, and 66 split over a cluster in unequal shares, odd ones among
@@ -385,11 +396,10 @@ def test_gpu_small_m_kernel_on_random_words(m, symmetric, rng):
                                            (4224, 128), (4224, -1)])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_gpu_large_m_writes_every_element(m, k, group_size, symmetric, dtype, rng, monkeypatch):
+def test_gpu_large_m_writes_every_element(m, k, group_size, symmetric, dtype, rng):
     """2:4 weights on sparse tensor cores (wgmma.mma_async.sp, sm_90)."""
     if not _extension.cuda_devices_are_hopper():
         pytest.skip("the sparse wgmma kernel needs sm_90")
-    monkeypatch.setattr(lowering, "SPARSE_LARGE_M_MIN_ROWS", 17)
     qw = _sparse(rng, k, 200, group_size, symmetric)
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)
     assert cuda_targets(x.shape, x.dtype, qw) == {"jax_lowbit_sparse_gemm_large_m"}
@@ -400,15 +410,18 @@ def test_gpu_large_m_writes_every_element(m, k, group_size, symmetric, dtype, rn
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16, 17, 64, 300, 4096])
 def test_gpu_matmul(m, rng):
-    """Both paths, fused (M <= 64) and dequantize + XLA's dot, against the spec."""
+    """Whichever kernel the lowering picks (the sparse wgmma kernel from 17 rows on
+    sm_90; elsewhere the fused kernels to 64, then dequantize + XLA's dot) against
+    the spec."""
     qw = _sparse(rng, 1024, 384, 128, symmetric=bool(m % 2))
     x = jnp.asarray(rng.normal(size=(m, 1024)), jnp.bfloat16)
     _check_product(jax.jit(jax_lowbit.matmul)(x, qw), x, qw)
 
 
 @pytest.mark.gpu
-# The staged kernel with K split over a cluster (16, 33, 64 rows), then (symmetric
-# weight) the wgmma kernel on sm_90, else dequantize + dot.
+# The staged kernel with K split over a cluster (16 rows; 33 and 64 on other
+# GPUs), the sparse wgmma kernel with a K split on sm_90 (33, 64, 65), else
+# dequantize + dot.
 @pytest.mark.parametrize("m", [16, 33, 64, 65])
 def test_gpu_repeated_runs_identical(m, rng):
     qw = _sparse(rng, 4096, 512)

@@ -33,12 +33,23 @@
 //    words and scales from shared memory; the four lanes of a quad read the
 //    same ones (a broadcast).
 //  * wgmma is asynchronous: the A registers of step s + 1 are dequantized
-//    (into their own register set, one per step of a stage) while the
-//    wgmmas of steps s - 2 .. s run; then the warpgroup waits for step
-//    s - 2, so the set it fills next (step s + 2's, last read by step s - 2)
-//    is free. A ring slot is refilled two stages after it was read, so the
-//    wgmma groups still in flight at a stage boundary (steps of the current
-//    stage only) never read a slot being written.
+//    (into their own register set, one of four) while the wgmmas of steps
+//    s - 2 .. s run; then the warpgroup waits for step s - 2, so the set it
+//    fills next (last read by step s - 3) is free. A ring slot is refilled
+//    only when no wgmma in flight can read it (LargeConfig::kStages).
+//  * 2:4 sparse weights (kSparse; docs/formats.md) run on sparse tensor
+//    cores: one m64nRk32 wgmma.mma_async.sp per 32 rows of K takes the kept
+//    values of 64 columns in the registers of the dense k16 A fragment, so a
+//    step is 32 rows and dequantizes half as many weights per row of K as
+//    the dense kernel. Lane (g, t) holds quad t (register 0) and quad t + 4
+//    (register 2) of the step: kept pair t of word rows 2 step and 2 step +
+//    1. The metadata register (wgmma.cuh) wants a word row's four quads,
+//    where the stored metadata groups quad q of four word rows (for the
+//    small-M kernel's lanes): each lane transposes nibbles from the stage's
+//    four metadata rows. ptxas serializes all wgmma.sp of a kernel that
+//    defines a metadata register while wgmmas run (warning C7513), so the
+//    registers of a round of two stages are read when the warpgroup has
+//    drained (wgmma::wait<0>), once per four steps.
 //  * CTAs are ordered with M fastest: the CTAs running at once share a few
 //    column tiles, so each code word comes from DRAM about once and x (a few
 //    MB) is reread from L2.
@@ -79,7 +90,7 @@ namespace ffi = xla::ffi;
 constexpr int kWarpGroups = 2;
 constexpr int kLargeThreads = 128 * kWarpGroups;
 constexpr int kStageK = 64;  // rows of K per stage
-constexpr int kStages = 5;   // ring slots: kStages - 2 stages load ahead
+constexpr int kAhead = 3;    // stages that load while one is read
 // A split of K runs at least this many stages, and costs about kFixedStages
 // more (the first loads' round trip, the cluster sum): what choose_splits
 // weighs against filling more SMs.
@@ -129,8 +140,14 @@ struct LargeConfig : TileShape {
   static constexpr int kMetadataOffset = kOffsetOffset + kScaleRows * kScaleRowBytes;
   static constexpr int kMetadataBytes = kSparse ? kWordRows * kMetadataRowBytes : 0;
   static constexpr int kBytes = kMetadataOffset + kMetadataBytes;
+  // Ring slots. A slot is refilled kStages - kAhead stages after its stage
+  // began: then no wgmma still reads it. Up to three wgmma groups run at a
+  // stage boundary: a dense stage's last three steps, but a sparse stage has
+  // two, so the last step of the stage before it may run too.
+  static constexpr int kStages = kSparse ? kAhead + 3 : kAhead + 2;
   // The stages' mbarriers follow the ring.
   static constexpr int kBarrierOffset = kStages * kBytes;
+  static_assert(kBarrierOffset + kStages * 8 <= 227 * 1024, "the ring fits in shared memory");
   static constexpr int kSharedBytes = kBarrierOffset + kStages * 8;
   static_assert(kXBytes % 1024 == 0 && kBytes % 1024 == 0, "stages must stay 1024-byte aligned");
 };
@@ -149,6 +166,7 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = LargeConfig<kBits, kSparse, TileShape>;
   constexpr int kBlocks = L::kBlocks, kRows = L::kRows, kColumns = L::kColumns;
+  constexpr int kStages = L::kStages;
   using Pair = typename Activation<T>::Pair;
   using Dq = Dequantizer<T, kBits, kSymmetric>;
   // Stages start 1024-byte aligned, as the swizzle pattern needs (kBytes is
@@ -210,13 +228,11 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
       tma::load_2d(stage + L::kMetadataOffset, &maps.metadata, k0 / L::kWordK, col0, barrier);
     }
   };
-  tma::start_ring(full, kStages, kStages - 2, stages, load);
-  // At stage j both warpgroups are past the wgmmas of stage j - 2 (at most
-  // three groups, of stage j - 1 or later, run) and its dequantization: its
-  // slot is refilled then.
-  auto begin_stage = [&](int j) {
-    tma::begin_ring_stage(full, kStages, kStages - 2, j, stages, load);
-  };
+  tma::start_ring(full, kStages, kAhead, stages, load);
+  // At stage j both warpgroups are past the dequantization and the wgmmas of
+  // stage j + kAhead - kStages (see LargeConfig::kStages): its slot is
+  // refilled then.
+  auto begin_stage = [&](int j) { tma::begin_ring_stage(full, kStages, kAhead, j, stages, load); };
   // The A fragments of rows kStepK step .. + kStepK - 1 of a stage.
   auto dequantize = [&](const char* stage, int step, uint32_t(&frag)[kBlocks][4]) {
     // Those rows are in scale row (kStepK step) >> shift of the stage.
