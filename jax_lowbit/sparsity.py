@@ -75,33 +75,6 @@ def pack_metadata(i0: jax.Array, i1: jax.Array) -> jax.Array:
     return jnp.sum(blocks << _nibble_shifts(), axis=1, dtype=jnp.uint16).reshape(quads // 4, n)
 
 
-def unpack_metadata(metadata: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """uint16 metadata (K/16, N) -> kept rows i0, i1 (K/4, N): pack_metadata inverted."""
-    rows, n = metadata.shape
-    # [s, j, t, n]: nibble j of entry 4 s + t is quad 16 s + 4 j + t.
-    nibbles = (metadata.reshape(rows // 4, 1, 4, n) >> _nibble_shifts()) & np.uint16(0xF)
-    nibbles = nibbles.reshape(rows * 4, n)
-    return nibbles & np.uint16(3), nibbles >> 2
-
-
-def dense_codes(codes: jax.Array, metadata: jax.Array, zero_code: int) -> jax.Array:
-    """The dense int4 code words (K/8, N) of a 2:4 weight's codes and metadata.
-
-    Kept codes go to their rows and ``zero_code`` to the pruned ones: with the
-    symmetric zero 2^(bits-1) the dense weight dequantizes to the same values
-    (asymmetric weights have no code for an exact zero). The CUDA lowering
-    feeds these to the dense wgmma kernel above the sparse kernels' rows.
-    """
-    kept = formats.unpack_codes(codes, formats.SPARSE_BITS)  # (K/2, N): quad q in rows 2q, 2q + 1
-    half, n = kept.shape
-    pairs = kept.reshape(half // 2, 2, n)
-    i0, i1 = unpack_metadata(metadata)
-    rows = lax.broadcasted_iota(jnp.uint16, (1, QUAD, 1), 1)
-    dense = jnp.where(rows == i0[:, None], pairs[:, :1],
-                      jnp.where(rows == i1[:, None], pairs[:, 1:], np.uint32(zero_code)))
-    return formats.pack_codes(dense.reshape(2 * half, n), formats.SPARSE_BITS)
-
-
 @jax.jit  # one compilation per shape, not one per operation in eager calls
 def compress_2_4(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The kept values and their positions after prune_2_4.

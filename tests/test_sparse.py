@@ -149,18 +149,6 @@ def _random_weight(rng, k, n, group_size, symmetric, scale_dtype=jnp.bfloat16):
                            metadata=metadata, sparsity="2:4")
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_dense_codes_follow_the_spec(symmetric, rng):
-    """The dense int4 words the CUDA lowering gives the wgmma kernel: kept codes in
-    their rows, the zero code in the pruned ones (every valid nibble occurs)."""
-    qw = _random_weight(rng, 256, 40, 64, symmetric)
-    codes, kept = spec_reference.decode_sparse_codes(np.asarray(qw.codes), np.asarray(qw.metadata))
-    words = sparsity.dense_codes(qw.codes, qw.metadata, 8)
-    assert words.shape == (256 // 8, 40) and words.dtype == jnp.uint32
-    np.testing.assert_array_equal(spec_reference.decode_codes(np.asarray(words), 4),
-                                  np.where(kept, codes, 8))
-
-
 def test_cpu_refuses_invalid_metadata(rng):
     qw = _cached_sparse(64, 8, 64)
     broken = QuantizedWeight(qw.codes, qw.scales, None, qw.shape, 4, 64, True,
