@@ -1,8 +1,7 @@
 // What the two FFI targets of dense weight-only GEMMs share: their signature
 // and their argument checks. jax_lowbit_gemm_small_m (gemm_small_m.cu) takes
 // up to 64 rows, jax_lowbit_gemm_large_m (gemm_large_m.cu, sm_90) any number
-// (the lowering sends it 17 rows or more, and symmetric 2:4 weights as dense
-// codes above 64).
+// (the lowering sends it 17 rows or more).
 #ifndef JAX_LOWBIT_CUDA_DENSE_GEMM_TARGET_H_
 #define JAX_LOWBIT_CUDA_DENSE_GEMM_TARGET_H_
 
