@@ -75,6 +75,7 @@
 #include "cuda/launch_status.h"
 #include "cuda/mma_fragments.cuh"
 #include "cuda/small_m.cuh"
+#include "cuda/sparse_gemm_target.h"
 #include "cuda/staged_gemm.cuh"
 #include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
@@ -469,16 +470,11 @@ ffi::Error gemm_sparse_large_m_impl(cudaStream_t stream, ffi::AnyBuffer x,
                                     ffi::AnyBuffer scales, ffi::AnyBuffer offsets,
                                     ffi::Result<ffi::AnyBuffer> y, int32_t bits,
                                     int64_t group_size, bool symmetric) {
-  WeightShape w;
-  ffi::Error error =
-      sparse_weight_shape(codes.dimensions(), metadata.dimensions(), scales.dimensions(),
-                          offsets.dimensions(), bits, group_size, w);
-  if (error.failure()) return error;
   SmallMProblem p;
-  error = small_m_problem(x, scales, offsets, y, w, kStageK, INT32_MAX, p);
+  GemmArgs args;
+  const ffi::Error error = sparse_gemm_problem(x, codes, metadata, scales, offsets, y, bits,
+                                               group_size, kStageK, INT32_MAX, p, args);
   if (error.failure()) return error;
-  const GemmArgs args{p.x, codes.typed_data(), p.scales, p.offsets, p.y, p.m, p.k, p.n, w.bits,
-                      p.group_shift};
   return run_large_m<true>(p, args, metadata.typed_data(), x.element_type() == ffi::BF16,
                            symmetric, stream);
 }

@@ -57,6 +57,7 @@
 #include "cuda/handlers.h"
 #include "cuda/mma_fragments.cuh"
 #include "cuda/small_m.cuh"
+#include "cuda/sparse_gemm_target.h"
 #include "format.h"
 #include "weight_shape.h"
 
@@ -207,13 +208,10 @@ ffi::Error gemm_sparse_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x,
                                     ffi::AnyBuffer scales, ffi::AnyBuffer offsets,
                                     ffi::Result<ffi::AnyBuffer> y, int32_t bits,
                                     int64_t group_size, bool symmetric) {
-  WeightShape w;
-  ffi::Error error =
-      sparse_weight_shape(codes.dimensions(), metadata.dimensions(), scales.dimensions(),
-                          offsets.dimensions(), bits, group_size, w);
-  if (error.failure()) return error;
   SmallMProblem p;
-  error = small_m_problem(x, scales, offsets, y, w, kStepRows, kMaxRows, p);
+  GemmArgs args;
+  const ffi::Error error = sparse_gemm_problem(x, codes, metadata, scales, offsets, y, bits,
+                                               group_size, kStepRows, kMaxRows, p, args);
   if (error.failure()) return error;
   const auto dtype = x.element_type();
   if (p.m <= kDirectMaxRows) {
@@ -221,8 +219,6 @@ ffi::Error gemm_sparse_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x,
                           p, dtype, symmetric);
   }
   if (p.n == 0) return ffi::Error::Success();
-  const GemmArgs args{p.x, codes.typed_data(), p.scales, p.offsets, p.y, p.m, p.k, p.n, w.bits,
-                      p.group_shift};
   const uint16_t* meta = metadata.typed_data();
   return launch_result(
       dtype == ffi::BF16

@@ -1,8 +1,6 @@
 #ifndef JAX_LOWBIT_CUDA_HANDLERS_H_
 #define JAX_LOWBIT_CUDA_HANDLERS_H_
 
-#include <cuda_runtime.h>
-
 #include <cstdint>
 #include <utility>
 
@@ -19,19 +17,6 @@ auto with_gemm_output(Binding binding) {
       .template Attr<int32_t>("bits")
       .template Attr<int64_t>("group_size")
       .template Attr<bool>("symmetric");
-}
-
-// The targets of 2:4 sparse weights (gemm_sparse_small_m.cu,
-// gemm_large_m.cu): x (M, K), kept codes, metadata, scales, offsets
-// (symmetric weights pass their scales in the offsets slot; it is not read).
-inline auto sparse_gemm_binding() {
-  return with_gemm_output(xla::ffi::Ffi::Bind()
-                              .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                              .Arg<xla::ffi::AnyBuffer>()
-                              .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
-                              .Arg<xla::ffi::Buffer<xla::ffi::U16>>()
-                              .Arg<xla::ffi::AnyBuffer>()
-                              .Arg<xla::ffi::AnyBuffer>());
 }
 
 }  // namespace jax_lowbit

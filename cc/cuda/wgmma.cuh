@@ -90,65 +90,72 @@ __device__ __forceinline__ uint64_t descriptor_sw128(uint32_t shared_address) {
 //
 // One overload: N columns, REGS accumulators (operands %0 .. REGS-1), then
 // the A registers, the B descriptor, the accumulate flag and the metadata
-// (operand numbers A_OPS, B_OP, P_OP, E_OP follow REGS). SP is ".sp" or
-// empty, SHAPE_TYPES ends the instruction name (k, D type, A and B types),
-// FORM is SPARSE or DENSE: FORM##_OPERANDS(E_OP) names the metadata and the
-// selector, FORM##_INPUT passes the metadata (dense forms take neither and
-// ignore the argument), SCALES follows the flag (bf16/fp16 take A and B
-// scales and B's transpose; integer types do not), and C is the accumulators'
-// register constraint.
-#define JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, SP, SHAPE_TYPES, FORM, SCALES, N, REGS, A_OPS, B_OP,     \
-                             P_OP, E_OP)                                                         \
-  static __device__ __forceinline__ void mma(D_TYPE (&d)[REGS], const uint32_t (&a)[4],         \
-                                             uint64_t b, int accumulate,                        \
-                                             uint32_t metadata = 0) {                           \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P_OP ", 0;\n"                             \
-                 "wgmma.mma_async" SP ".sync.aligned.m64n" #N SHAPE_TYPES " {"                   \
-                 JAX_LOWBIT_WGMMA_D##REGS##_STR "}, {" A_OPS "}, " B_OP                  \
-                 JAX_LOWBIT_WGMMA_##FORM##_OPERANDS(E_OP) ", p" SCALES  \
-                 ";\n}\n"                                                                        \
-                 : JAX_LOWBIT_WGMMA_D##REGS##_OUT(d, C)                                         \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),                          \
-                   "r"(accumulate) JAX_LOWBIT_WGMMA_##FORM##_INPUT);                            \
+// (operand numbers A_OPS, B_OP, P_OP, E_OP follow REGS). FORM is DENSE or
+// SPARSE: FORM##_NAME is ".sp" for sparse forms, which also take a metadata
+// argument (FORM##_PARAMETER) that FORM##_INPUT passes and
+// FORM##_OPERANDS(E_OP) names with the selector; dense forms have none of
+// these. SHAPE_TYPES ends the instruction name (k, D type, A and B types),
+// SCALES follows the flag (bf16/fp16 take A and B scales and B's transpose;
+// integer types do not), and C is the accumulators' register constraint.
+#define JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, FORM, SHAPE_TYPES, SCALES, N, REGS, A_OPS, B_OP, P_OP, \
+                             E_OP)                                                             \
+  static __device__ __forceinline__ void mma(D_TYPE (&d)[REGS], const uint32_t (&a)[4],       \
+                                             uint64_t b,                                      \
+                                             int accumulate JAX_LOWBIT_WGMMA_##FORM##_PARAMETER) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P_OP ", 0;\n"                           \
+                 "wgmma.mma_async" JAX_LOWBIT_WGMMA_##FORM##_NAME ".sync.aligned.m64n" #N      \
+                 SHAPE_TYPES " {" JAX_LOWBIT_WGMMA_D##REGS##_STR "}, {" A_OPS "}, " B_OP       \
+                 JAX_LOWBIT_WGMMA_##FORM##_OPERANDS(E_OP) ", p" SCALES ";\n}\n"               \
+                 : JAX_LOWBIT_WGMMA_D##REGS##_OUT(d, C)                                       \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),                        \
+                   "r"(accumulate) JAX_LOWBIT_WGMMA_##FORM##_INPUT);                          \
   }
-#define JAX_LOWBIT_WGMMA_RA(D_TYPE, C, SP, SHAPE_TYPES, FORM, SCALES)                            \
-  JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, SP, SHAPE_TYPES, FORM, SCALES, 64, 32, "%32, %33, %34, %35",   \
-                       "%36", "%37", "%38")                                                      \
-  JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, SP, SHAPE_TYPES, FORM, SCALES, 128, 64, "%64, %65, %66, %67",  \
-                       "%68", "%69", "%70")                                                      \
-  JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, SP, SHAPE_TYPES, FORM, SCALES, 256, 128,                       \
+#define JAX_LOWBIT_WGMMA_RA(D_TYPE, C, FORM, SHAPE_TYPES, SCALES)                             \
+  JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, FORM, SHAPE_TYPES, SCALES, 64, 32, "%32, %33, %34, %35",    \
+                       "%36", "%37", "%38")                                                   \
+  JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, FORM, SHAPE_TYPES, SCALES, 128, 64, "%64, %65, %66, %67",   \
+                       "%68", "%69", "%70")                                                   \
+  JAX_LOWBIT_WGMMA_MMA(D_TYPE, C, FORM, SHAPE_TYPES, SCALES, 256, 128,                        \
                        "%128, %129, %130, %131", "%132", "%133", "%134")
-#define JAX_LOWBIT_WGMMA_DENSE_OPERANDS(E_OP) ""
+#define JAX_LOWBIT_WGMMA_DENSE_NAME ""
+#define JAX_LOWBIT_WGMMA_DENSE_PARAMETER
 #define JAX_LOWBIT_WGMMA_DENSE_INPUT
-#define JAX_LOWBIT_WGMMA_SPARSE_OPERANDS(E_OP) ", " E_OP ", 0"
+#define JAX_LOWBIT_WGMMA_DENSE_OPERANDS(E_OP) ""
+#define JAX_LOWBIT_WGMMA_SPARSE_NAME ".sp"
+#define JAX_LOWBIT_WGMMA_SPARSE_PARAMETER , uint32_t metadata
 #define JAX_LOWBIT_WGMMA_SPARSE_INPUT , "r"(metadata)
+#define JAX_LOWBIT_WGMMA_SPARSE_OPERANDS(E_OP) ", " E_OP ", 0"
 
 template <typename T>
 struct Mma;
 template <>
 struct Mma<__nv_bfloat16> {
-  JAX_LOWBIT_WGMMA_RA(float, "+f", "", "k16.f32.bf16.bf16", DENSE, ", 1, 1, 0")
+  JAX_LOWBIT_WGMMA_RA(float, "+f", DENSE, "k16.f32.bf16.bf16", ", 1, 1, 0")
 };
 template <>
 struct Mma<__half> {
-  JAX_LOWBIT_WGMMA_RA(float, "+f", "", "k16.f32.f16.f16", DENSE, ", 1, 1, 0")
+  JAX_LOWBIT_WGMMA_RA(float, "+f", DENSE, "k16.f32.f16.f16", ", 1, 1, 0")
 };
 template <>
 struct Mma<int8_t> {
-  JAX_LOWBIT_WGMMA_RA(int32_t, "+r", "", "k32.s32.s8.s8", DENSE, "")
+  JAX_LOWBIT_WGMMA_RA(int32_t, "+r", DENSE, "k32.s32.s8.s8", "")
 };
 
 template <typename T>
 struct SparseMma;
 template <>
 struct SparseMma<__nv_bfloat16> {
-  JAX_LOWBIT_WGMMA_RA(float, "+f", ".sp", "k32.f32.bf16.bf16", SPARSE, ", 1, 1, 0")
+  JAX_LOWBIT_WGMMA_RA(float, "+f", SPARSE, "k32.f32.bf16.bf16", ", 1, 1, 0")
 };
 template <>
 struct SparseMma<__half> {
-  JAX_LOWBIT_WGMMA_RA(float, "+f", ".sp", "k32.f32.f16.f16", SPARSE, ", 1, 1, 0")
+  JAX_LOWBIT_WGMMA_RA(float, "+f", SPARSE, "k32.f32.f16.f16", ", 1, 1, 0")
 };
 
+#undef JAX_LOWBIT_WGMMA_DENSE_NAME
+#undef JAX_LOWBIT_WGMMA_SPARSE_NAME
+#undef JAX_LOWBIT_WGMMA_DENSE_PARAMETER
+#undef JAX_LOWBIT_WGMMA_SPARSE_PARAMETER
 #undef JAX_LOWBIT_WGMMA_DENSE_OPERANDS
 #undef JAX_LOWBIT_WGMMA_DENSE_INPUT
 #undef JAX_LOWBIT_WGMMA_SPARSE_OPERANDS
