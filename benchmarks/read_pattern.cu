@@ -4,7 +4,9 @@
 // take steps round-robin, 4 (int4) or 2 (int2) loads per lane in flight), then
 // with the kernel's other parts added one at a time: the x and scale loads of
 // each step, the in-CTA reduction through shared memory, and a synthetic ALU
-// load per code word. Not part of the package; docs/perf.md (v11) quotes it.
+// load per code word; and each layer's 2:4 sparse int4 g128 weight (codes,
+// metadata, scales: 3/8 byte a weight and 2 bytes per 128) read contiguously.
+// Not part of the package; docs/perf.md (v11, v15) quotes it.
 //
 //   nvcc -O3 -arch=sm_90a -o /tmp/read_pattern benchmarks/read_pattern.cu && /tmp/read_pattern
 //
@@ -120,6 +122,20 @@ float kernel_us(Launch launch) {
   return ms * 1000.f / kReps;
 }
 
+// Reads `bytes` contiguously, two copies in turn.
+float contiguous_us(size_t bytes, int sms, float* out) {
+  uint4* w[2];
+  for (auto& copy : w) {
+    cudaMalloc(&copy, bytes);
+    cudaMemset(copy, 1, bytes);
+  }
+  const float us = kernel_us([&](int i) {
+    read_contiguous<4><<<2 * sms, 512>>>(w[i], bytes / 16, reinterpret_cast<uint32_t*>(out));
+  });
+  for (auto& copy : w) cudaFree(copy);
+  return us;
+}
+
 template <int kBits>
 void measure_layer(int k, int n, int sms, const uint4* x, float* out) {
   constexpr int kLoads = kBits == 4 ? 4 : 2;  // as gemm_small_m at M = 1
@@ -137,10 +153,7 @@ void measure_layer(int k, int n, int sms, const uint4* x, float* out) {
   }
   const int ctas = n / 32;
   float us[5];
-  us[0] = kernel_us([&](int i) {
-    read_contiguous<4><<<2 * sms, 512>>>(reinterpret_cast<const uint4*>(w[i]), bytes / 16,
-                                         reinterpret_cast<uint32_t*>(out));
-  });
+  us[0] = contiguous_us(bytes, sms, out);
   us[1] = kernel_us([&](int i) {
     read_strips<kLoads, 0, 0, false><<<ctas, 512>>>(w[i], x, s[i], rows, n, out);
   });
@@ -174,6 +187,12 @@ int main() {
   const int layers[][2] = {{4096, 6144}, {4096, 4096}, {4096, 28672}, {14336, 4096}};
   for (auto& l : layers) measure_layer<4>(l[0], l[1], sms, x, out);
   for (auto& l : layers) measure_layer<2>(l[0], l[1], sms, x, out);
+  for (auto& l : layers) {
+    const size_t bytes = size_t(l[0]) * l[1] * 3 / 8 + size_t(l[0] / 128) * l[1] * 2;
+    const float us = contiguous_us(bytes, sms, out);
+    printf("2:4 int4 %5d x %5d %6.1f MB | %6.2f us (%4.0f GB/s)\n", l[0], l[1], bytes / 1e6, us,
+           bytes / us / 1e3);
+  }
   const cudaError_t err = cudaDeviceSynchronize();
   printf("status: %s\n", cudaGetErrorString(err));
   return err == cudaSuccess ? 0 : 1;

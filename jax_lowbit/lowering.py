@@ -80,7 +80,7 @@ def _dequantize_cuda(*weight, fmt: WeightFormat, dtype):
 
 
 SMALL_M_MAX_ROWS = 64
-# 2:4 sparse: direct kernel up to 8 rows, staged kernel 9..64 (to 16 on sm_90).
+# 2:4 sparse: direct kernel up to 32 rows (16 on sm_90), staged kernel 33..64.
 SPARSE_SMALL_M_MAX_ROWS = 64
 
 

@@ -336,7 +336,7 @@ def test_gpu_dequantize_writes_every_element(group_size, symmetric, dtype, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 3, 9, 16, 17, 32])  # direct kernel to 8 rows, then staged
+@pytest.mark.parametrize("m", [1, 3, 9, 16, 17, 32])  # the direct kernel: 1, 2 and 4 M tiles
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -349,7 +349,7 @@ def test_gpu_small_m_kernel_writes_every_element(m, group_size, symmetric, dtype
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [9, 17, 33, 48, 64])  # the staged kernel: 2, 4 and 8 M tiles
+@pytest.mark.parametrize("m", [33, 48, 64])  # the staged kernel (8 M tiles)
 # K: one step (64 rows); a last stage of one step (576); both with a split over
 # a cluster (4160: 65 steps, 8 CTAs of unequal length); 33 full stages split
 # (4224). N: one CTA of 256 columns, partly past N; N % 8 == 4 (scale and
@@ -407,9 +407,9 @@ def test_gpu_matmul(m, rng):
 
 
 @pytest.mark.gpu
-# The staged kernel with K split over a cluster (16 rows; 33 and 64 on other
-# GPUs), the sparse wgmma kernel with a K split on sm_90 (33, 64, 65), else
-# dequantize + dot.
+# The direct kernel (16 rows), the staged kernel with K split over a cluster
+# on other GPUs (33, 64), the sparse wgmma kernel with a K split on sm_90
+# (33, 64, 65), else dequantize + dot.
 @pytest.mark.parametrize("m", [16, 33, 64, 65])
 def test_gpu_repeated_runs_identical(m, rng):
     qw = _sparse(rng, 4096, 512)

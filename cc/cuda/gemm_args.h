@@ -22,7 +22,7 @@ struct GemmArgs {
 template <typename T>
 cudaError_t launch_gemm_mid_m(const GemmArgs& args, bool symmetric, cudaStream_t stream);
 
-// The staged 2:4 sparse kernel (gemm_sparse_mid_m.cu): 9 <= m <= 64 rows,
+// The staged 2:4 sparse kernel (gemm_sparse_mid_m.cu): 33 <= m <= 64 rows,
 // args.codes the kept codes and `metadata` their rows, both (k / 16, n).
 template <typename T>
 cudaError_t launch_gemm_sparse_mid_m(const GemmArgs& args, const uint16_t* metadata,

@@ -1,13 +1,12 @@
-// Fused y = x · dequant(W) for 9 to 64 rows of x with 2:4 sparse int4 weights
+// Fused y = x · dequant(W) for 33 to 64 rows of x with 2:4 sparse int4 weights
 // (docs/formats.md, "2:4 sparse int4"): the fragments of the direct kernel
 // (gemm_sparse_small_m.cu, read its header first), fed through shared memory
 // as in the dense mid-M kernel (gemm_mid_m.cu).
 //
 // Why a second kernel: the direct kernel's CTA owns 32 columns and reads all
-// of x from L2 (at M = 32 243 MB of x against 46 MB of weights on the
-// 4096 x 28672 layer), and each lane holds two of the four rows of every 2:4
-// quad, so its x arrives in eight dependent 32-bit L2 loads per M tile and
-// step: from M = 16 it is latency-bound on them (docs/perf.md).
+// of x from L2, and it has no more than 4 M tiles (32 rows) of registers: at
+// 32 rows that is already 243 MB of x against 46 MB of weights on the
+// 4096 x 28672 layer (docs/perf.md).
 //  * A CTA owns 256 columns (eight 32-column strips) and a range of K. x is
 //    staged in shared memory once per CTA and read by all eight strips: x
 //    traffic from L2 falls 8x. At 64 rows x still is 1.3x the weight bytes
@@ -32,7 +31,8 @@
 //    too narrow to fill the GPU; partial sums meet in distributed shared
 //    memory in rank order (staged_gemm.cuh): deterministic, no workspace.
 // Requires N % 4 == 0, K % 64 == 0, power-of-two groups of at least 32 rows
-// (the handler checks), 9 <= M <= 64 (fewer rows run the direct kernel).
+// (the handler checks), 33 <= M <= 64 (fewer rows run the direct kernel;
+// on sm_90 every M above 16 runs the sparse wgmma kernel, gemm_large_m.cu).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -61,11 +61,9 @@ constexpr int kMaxRing = 8;  // stages in the ring, at most (fewer where shared 
 // dominates the CTA's time.
 constexpr int kMinRowsPerSplit = 4 * kStageRows;
 
-// With two M tiles a lane needs under 64 registers, so two CTAs share an SM
-// and one's fill and epilogue overlap the other's stream; 4 and 8 tiles need
-// up to 128.
-template <int kMTiles>
-constexpr int kCtasPerSm = kMTiles <= 2 ? 2 : 1;
+// 33 to 64 rows: eight 8-row M tiles, 128 registers a lane, one CTA an SM.
+constexpr int kMTiles = 8;
+constexpr int kCtasPerSm = 1;
 
 template <typename T>
 struct SparseMidParams : StagedParams<T> {
@@ -73,8 +71,7 @@ struct SparseMidParams : StagedParams<T> {
   int ring;                  // stages in the ring, 2 .. kMaxRing
 };
 
-// The byte layout of one stage of the ring, for kMTiles tiles of 8 rows of x.
-template <int kMTiles>
+// The byte layout of one stage of the ring.
 struct Stage {
   static constexpr int kRows = 8 * kMTiles;
   static constexpr int kCodeRowBytes = kColumns * 4;
@@ -120,10 +117,10 @@ __device__ __forceinline__ int x_position(int pair) {
   return 32 * step + 8 * t + 4 * h + i;
 }
 
-template <typename T, int kMTiles, bool kSymmetric>
+template <typename T, bool kSymmetric>
 __device__ __forceinline__ void load_stage(char* stage, const SparseMidParams<T>& p,
                                            int stage_index, int col_base) {
-  using L = Stage<kMTiles>;
+  using L = Stage;
   const int k0 = stage_index * kStageRows;
   const int word_row0 = k0 / kSparseRowsPerWord;
   const int word_rows = p.k / kSparseRowsPerWord;
@@ -168,7 +165,7 @@ __device__ __forceinline__ void load_stage(char* stage, const SparseMidParams<T>
 
 // The MMAs with sparsity selector kH of one step, every M tile. x_lane is the
 // lane's 32 bytes of x row g of the step; tile mt is 8 rows further.
-template <typename T, int kMTiles, bool kSymmetric, int kH>
+template <typename T, bool kSymmetric, int kH>
 __device__ __forceinline__ void mma_half(float (&acc)[kMTiles][2][4], const char* x_lane,
                                          const uint32_t (&word)[4], const uint32_t (&scale)[4],
                                          const uint32_t (&offset)[4], const uint32_t (&meta)[2]) {
@@ -182,7 +179,7 @@ __device__ __forceinline__ void mma_half(float (&acc)[kMTiles][2][4], const char
     // of 16-byte chunks apart, lanes t 32 bytes apart: 8 distinct chunks of
     // the banks, no conflict.
     const uint4 v =
-        *reinterpret_cast<const uint4*>(x_lane + mt * 8 * Stage<kMTiles>::kXRowBytes + 16 * kH);
+        *reinterpret_cast<const uint4*>(x_lane + mt * 8 * Stage::kXRowBytes + 16 * kH);
     const uint32_t b[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int p = 0; p < 2; ++p) Activation<T>::template mma_sp<kH>(acc[mt][p], a[p], b, meta[p]);
@@ -190,11 +187,11 @@ __device__ __forceinline__ void mma_half(float (&acc)[kMTiles][2][4], const char
 }
 
 // One step (4 code word rows, 64 rows of K) of a stage for the lane's strip.
-template <typename T, int kMTiles, bool kSymmetric>
+template <typename T, bool kSymmetric>
 __device__ __forceinline__ void compute_step(const char* stage, int step, int group_shift,
                                              int strip, int g, int t, bool col_ok,
                                              float (&acc)[kMTiles][2][4]) {
-  using L = Stage<kMTiles>;
+  using L = Stage;
   const int r = 4 * step + t;  // the lane's code word and metadata row in the stage
   const int unit = 8 * strip + g;  // its 4 columns, in 16-byte code / 8-byte metadata units
   const uint4 w =
@@ -210,8 +207,8 @@ __device__ __forceinline__ void compute_step(const char* stage, int step, int gr
   // but the metadata must still be valid nibbles for mma.sp.
   const uint32_t meta[2] = {col_ok ? e.x : kNoMetadata, col_ok ? e.y : kNoMetadata};
   const char* x_lane = stage + L::kXOffset + g * L::kXRowBytes + 128 * step + 32 * t;
-  mma_half<T, kMTiles, kSymmetric, 0>(acc, x_lane, word, scale, offset, meta);
-  mma_half<T, kMTiles, kSymmetric, 1>(acc, x_lane, word, scale, offset, meta);
+  mma_half<T, kSymmetric, 0>(acc, x_lane, word, scale, offset, meta);
+  mma_half<T, kSymmetric, 1>(acc, x_lane, word, scale, offset, meta);
 }
 
 // cp.async.wait_group takes an immediate; the ring's depth is chosen at launch.
@@ -228,10 +225,10 @@ __device__ __forceinline__ void wait_all_but(int pending) {
   }
 }
 
-template <typename T, int kMTiles, bool kSymmetric>
-__global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
+template <typename T, bool kSymmetric>
+__global__ void __launch_bounds__(kThreads, kCtasPerSm)
     gemm_sparse_mid_m_kernel(SparseMidParams<T> p) {
-  using L = Stage<kMTiles>;
+  using L = Stage;
   extern __shared__ __align__(16) char smem[];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -252,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
   // is always "up to stage j".
   for (int i = 0; i < ring - 1; ++i) {
     if (begin + i < end) {
-      load_stage<T, kMTiles, kSymmetric>(smem + i * L::kBytes, p, begin + i, col_base);
+      load_stage<T, kSymmetric>(smem + i * L::kBytes, p, begin + i, col_base);
     }
     commit_async();
   }
@@ -263,12 +260,12 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
     const int next = j + ring - 1;
     const int free_slot = slot == 0 ? ring - 1 : slot - 1;  // slot of stage j - 1
     if (next < end) {
-      load_stage<T, kMTiles, kSymmetric>(smem + free_slot * L::kBytes, p, next, col_base);
+      load_stage<T, kSymmetric>(smem + free_slot * L::kBytes, p, next, col_base);
     }
     commit_async();
     // K is a multiple of 64, not of 128: the last stage may hold one step.
     if (j * kKLanes + k_lane < steps) {
-      compute_step<T, kMTiles, kSymmetric>(smem + slot * L::kBytes, k_lane, p.group_shift, strip,
+      compute_step<T, kSymmetric>(smem + slot * L::kBytes, k_lane, p.group_shift, strip,
                                            g, t, col_ok, acc);
     }
     slot = slot + 1 == ring ? 0 : slot + 1;
@@ -293,14 +290,14 @@ inline int ring_stages(int device, int stage_bytes, int ctas_per_sm) {
   return std::min(kMaxRing, bytes / stage_bytes);
 }
 
-template <typename T, int kMTiles, bool kSymmetric>
+template <typename T, bool kSymmetric>
 cudaError_t launch(const GemmArgs& args, const uint16_t* metadata, cudaStream_t stream) {
-  using L = Stage<kMTiles>;
-  constexpr auto kernel = gemm_sparse_mid_m_kernel<T, kMTiles, kSymmetric>;
+  using L = Stage;
+  constexpr auto kernel = gemm_sparse_mid_m_kernel<T, kSymmetric>;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  const int ring = ring_stages(device, L::kBytes, kCtasPerSm<kMTiles>);
+  const int ring = ring_stages(device, L::kBytes, kCtasPerSm);
   if (ring < 2) return cudaErrorInvalidConfiguration;  // no device has this little
   const int shared_bytes = std::max(ring * L::kBytes, L::kReductionBytes);
   err = allow_shared_memory<kernel>(device, shared_bytes);
@@ -316,22 +313,13 @@ cudaError_t launch(const GemmArgs& args, const uint16_t* metadata, cudaStream_t 
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-template <typename T, int kMTiles>
-cudaError_t launch_symmetry(const GemmArgs& args, const uint16_t* metadata, bool symmetric,
-                            cudaStream_t stream) {
-  return symmetric ? launch<T, kMTiles, true>(args, metadata, stream)
-                   : launch<T, kMTiles, false>(args, metadata, stream);
-}
-
 }  // namespace
 
 template <typename T>
 cudaError_t launch_gemm_sparse_mid_m(const GemmArgs& args, const uint16_t* metadata,
                                      bool symmetric, cudaStream_t stream) {
-  // The fewest 8-row tiles that cover M (9 to 64 rows).
-  if (args.m <= 16) return launch_symmetry<T, 2>(args, metadata, symmetric, stream);
-  if (args.m <= 32) return launch_symmetry<T, 4>(args, metadata, symmetric, stream);
-  return launch_symmetry<T, 8>(args, metadata, symmetric, stream);
+  return symmetric ? launch<T, true>(args, metadata, stream)
+                   : launch<T, false>(args, metadata, stream);
 }
 
 template cudaError_t launch_gemm_sparse_mid_m<__nv_bfloat16>(const GemmArgs&, const uint16_t*,

@@ -37,16 +37,15 @@
 //  * B: lane (g, t) holds k-slots 8i + 2t, 8i + 2t + 1 (i = 0..3) of x row
 //    m = g (+8 per M tile). k-slot 8i + 2t is position 2(t & 1) of chunk
 //    2i + (t >> 1), so in MMA h the lane's pairs are rows
-//    16 (t >> 1) + 2 (t & 1) + 8h + {0, 32, 4, 36} of the step's 64 rows of x:
-//    aligned pairs, one 32-bit load each. Every lane takes two of the four
-//    rows of each quad, so no wider load covers only its own activations.
-//  * Loads: the weight loads of kUnroll steps (2 with one M tile) and the x
-//    pairs of MMA 0 are issued before any MMA; the x pairs of MMA 1 follow
-//    MMA 0 (L1 hits, see the loop), which keeps every variant within its
-//    register budget without spills.
+//    16 (t >> 1) + 2 (t & 1) + 8h + {0, 32, 4, 36} of the step's 64 rows of x.
+//    Every lane takes two of the four rows of each quad, so no wide load
+//    covers only its own activations; lanes t and t ^ 1 take the other two,
+//    so they load 16-byte runs and trade pairs by shuffles (load_x).
+//  * Loads: the weight and x loads of kUnroll steps (2 with one M tile) are
+//    issued before any MMA, within 64 registers a lane up to 2 M tiles.
 // Requires N % 4 == 0 and K % 64 == 0 (the dispatcher checks; other shapes
 // take the dequantize + dot path), M <= 32. The handler at the end runs it
-// for M <= 8 and sends 9 to 64 rows to the staged kernel (gemm_sparse_mid_m.cu).
+// for M <= 32 and sends 33 to 64 rows to the staged kernel (gemm_sparse_mid_m.cu).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -67,33 +66,57 @@ namespace {
 namespace ffi = xla::ffi;
 
 constexpr int kStepRows = kSparseKMultiple;  // rows of K per step: 4 code word rows
-// The handler runs this kernel up to 8 rows (one M tile: x is 2 bytes per row
-// and K row against 32 * 3/8 bytes of weights, and its eight 32-bit x loads
-// per step are few); 9 to 64 rows go to the staged kernel
-// (gemm_sparse_mid_m.cu), which reads x once per 256 columns from shared
-// memory. The 2- and 4-tile forms here are kept for comparison (raise
-// kDirectMaxRows to 16 or 32 to time them).
-constexpr int kDirectMaxRows = 8;
+// The handler runs this kernel up to kSmallMMaxRows (32) rows, the staged
+// kernel (gemm_sparse_mid_m.cu) 33 to 64. On the H100 with the sparse wgmma
+// kernel off, this kernel beat the staged one at 16, 24 and 32 rows
+// (docs/perf.md, v15).
 constexpr int kMaxRows = 64;
 
-// Loads the B registers of MMA kH of one step for every M tile: rows
-// 8 kH + {0, 32, 4, 36} from the lane's first row of x (see above). Rows of
-// x past M read as zeros.
-template <typename T, int kMTiles, int kH>
-__device__ __forceinline__ void load_x(uint32_t (&b)[kMTiles][4], const T* __restrict__ x,
+// x of one step. The B registers of MMA h are rows 8h + {0, 32, 4, 36} from
+// the lane's first row (see above). Lanes t and t ^ 1 (same g, same t >> 1)
+// together need two 32-byte runs of x row m, rows 16 (t >> 1) + 0..15 and
+// 32 + 16 (t >> 1) + 0..15 of the step, and each needs the even or the odd
+// pairs of both. So lane t loads run t & 1 in two 16-byte loads (load_x),
+// keeps its pairs and trades the others with t ^ 1, one shuffle per two pairs
+// (x_fragments): 2 loads and 4 shuffles per M tile and step instead of 8
+// dependent 32-bit loads. Rows of x past M read as zeros.
+template <typename T, int kMTiles>
+__device__ __forceinline__ void load_x(uint4 (&runs)[kMTiles][2], const T* __restrict__ x,
                                        int m_rows, int k, int step, bool step_ok) {
   const int g = threadIdx.x % 32 / 4;
   const int t = threadIdx.x % 4;
-  const int row = step * kStepRows + 16 * (t >> 1) + 2 * (t & 1) + 8 * kH;
+  const int row = step * kStepRows + 32 * (t & 1) + 16 * (t >> 1);
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
     const int m = mt * 8 + g;
-    const uint32_t* pairs = reinterpret_cast<const uint32_t*>(x + int64_t(m) * k + row);
+    const uint4* run = reinterpret_cast<const uint4*>(x + int64_t(m) * k + row);
     const bool ok = step_ok && m < m_rows;
+    runs[mt][0] = ok ? __ldg(run) : make_uint4(0, 0, 0, 0);
+    runs[mt][1] = ok ? __ldg(run + 1) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// The B registers b[h][mt] of both MMAs of a step from the loaded runs.
+template <int kMTiles>
+__device__ __forceinline__ void x_fragments(uint32_t (&b)[2][kMTiles][4],
+                                            const uint4 (&runs)[kMTiles][2]) {
+  const int run = threadIdx.x & 1;  // the run this lane loaded; it needs pairs run + 2r of both
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int pair = (32 * (i % 2) + 4 * (i / 2)) / 2;  // rows 0, 32, 4, 36 in pairs
-      b[mt][i] = ok ? __ldg(pairs + pair) : 0u;
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    const uint4& lo = runs[mt][0];
+    const uint4& hi = runs[mt][1];
+    const uint32_t pair[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      // Pair run + 2r of our run; the partner's pair of that index in its run
+      // arrives for the pair it needs from ours.
+      const uint32_t mine = run ? pair[2 * r + 1] : pair[2 * r];
+      const uint32_t theirs =
+          __shfl_xor_sync(0xffffffffu, run ? pair[2 * r] : pair[2 * r + 1], 1);
+      // Rows 4r (+ 8h) of run 0 go to register 2 (r % 2) of MMA h = r / 2,
+      // those of run 1 to the register after it.
+      b[r / 2][mt][2 * (r % 2)] = run ? theirs : mine;
+      b[r / 2][mt][2 * (r % 2) + 1] = run ? mine : theirs;
     }
   }
 }
@@ -149,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
     uint2 e[kUnroll];
     uint2 s[kUnroll];
     uint2 o[kUnroll];
-    uint32_t xb[kUnroll][kMTiles][4];  // B registers of one MMA h per M tile
+    uint4 xr[kUnroll][kMTiles][2];  // the step's runs of x (load_x)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int step = base + u * kWarps;
@@ -166,20 +189,17 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
       s[u] = ok ? __ldg(reinterpret_cast<const uint2*>(scales + sidx)) : make_uint2(0, 0);
       o[u] = (ok && !kSymmetric) ? __ldg(reinterpret_cast<const uint2*>(offsets + sidx))
                                  : make_uint2(0, 0);
-      load_x<T, kMTiles, 0>(xb[u], x, m_rows, k, step, step < steps);
+      load_x<T, kMTiles>(xr[u], x, m_rows, k, step, step < steps);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       // MMA h takes quads 2h, 2h + 1 of the words and selector h; consecutive
       // MMAs go to different accumulators (p inside h) so they need not wait
-      // on each other. x of MMA 1 is loaded only now, into the registers MMA 0
-      // used: its rows share the 128-byte lines of x (one per row and step)
-      // that MMA 0's loads just brought into L1, so the loads hit L1, and
-      // 4 registers per M tile are saved while the step's loads are in flight.
-      const int step = base + u * kWarps;
-      mma_step<T, kMTiles, kSymmetric, 0>(acc, xb[u], w[u], s[u], o[u], e[u]);
-      load_x<T, kMTiles, 1>(xb[u], x, m_rows, k, step, step < steps);
-      mma_step<T, kMTiles, kSymmetric, 1>(acc, xb[u], w[u], s[u], o[u], e[u]);
+      // on each other.
+      uint32_t xb[2][kMTiles][4];
+      x_fragments<kMTiles>(xb, xr[u]);
+      mma_step<T, kMTiles, kSymmetric, 0>(acc, xb[0], w[u], s[u], o[u], e[u]);
+      mma_step<T, kMTiles, kSymmetric, 1>(acc, xb[1], w[u], s[u], o[u], e[u]);
     }
   }
 
@@ -214,7 +234,7 @@ ffi::Error gemm_sparse_small_m_impl(cudaStream_t stream, ffi::AnyBuffer x,
                                                group_size, kStepRows, kMaxRows, p, args);
   if (error.failure()) return error;
   const auto dtype = x.element_type();
-  if (p.m <= kDirectMaxRows) {
+  if (p.m <= kSmallMMaxRows) {
     return launch_small_m(SparseGemmLaunch{p, codes.typed_data(), metadata.typed_data(), stream},
                           p, dtype, symmetric);
   }
