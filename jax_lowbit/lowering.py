@@ -80,7 +80,8 @@ def _dequantize_cuda(*weight, fmt: WeightFormat, dtype):
 
 
 SMALL_M_MAX_ROWS = 64
-# 2:4 sparse: direct kernel up to 32 rows (16 on sm_90), staged kernel 33..64.
+# 2:4 sparse: direct kernel up to 32 rows, staged kernel 33..64 (where the
+# sparse wgmma kernel does not take them: from 17 rows on sm_90).
 SPARSE_SMALL_M_MAX_ROWS = 64
 
 

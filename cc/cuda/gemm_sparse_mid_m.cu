@@ -32,7 +32,8 @@
 //    memory in rank order (staged_gemm.cuh): deterministic, no workspace.
 // Requires N % 4 == 0, K % 64 == 0, power-of-two groups of at least 32 rows
 // (the handler checks), 33 <= M <= 64 (fewer rows run the direct kernel;
-// on sm_90 every M above 16 runs the sparse wgmma kernel, gemm_large_m.cu).
+// on sm_90 the sparse wgmma kernel, gemm_large_m.cu, takes every M above 16
+// when N % 8 == 0).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
