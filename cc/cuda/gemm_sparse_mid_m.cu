@@ -121,7 +121,6 @@ __device__ __forceinline__ int x_position(int pair) {
 template <typename T, bool kSymmetric>
 __device__ __forceinline__ void load_stage(char* stage, const SparseMidParams<T>& p,
                                            int stage_index, int col_base) {
-  using L = Stage;
   const int k0 = stage_index * kStageRows;
   const int word_row0 = k0 / kSparseRowsPerWord;
   const int word_rows = p.k / kSparseRowsPerWord;
@@ -133,10 +132,11 @@ __device__ __forceinline__ void load_stage(char* stage, const SparseMidParams<T>
     const int col = col_base + 4 * c;
     const bool ok = word_row0 + r < word_rows && col < p.n;
     const int64_t at = int64_t(word_row0 + r) * p.n + col;
-    copy16_async(stage + r * L::kCodeRowBytes + 16 * swizzled_chunk(c, r),
+    copy16_async(stage + r * Stage::kCodeRowBytes + 16 * swizzled_chunk(c, r),
                  ok ? p.codes + at : p.codes, ok);
-    copy8_async(stage + L::kMetaOffset + r * L::kMetaRowBytes + 8 * swizzled_metadata_unit(c, r),
-                ok ? p.metadata + at : p.metadata, ok);
+    copy8_async(
+        stage + Stage::kMetaOffset + r * Stage::kMetaRowBytes + 8 * swizzled_metadata_unit(c, r),
+        ok ? p.metadata + at : p.metadata, ok);
   }
   // x: thread i copies pair i % 64 of rows i / 64 + 8u, u < kMTiles, so the
   // pair's place in the reordered row is computed once; a warp reads 128
@@ -146,22 +146,22 @@ __device__ __forceinline__ void load_stage(char* stage, const SparseMidParams<T>
   // whatever the slot holds is harmless and the copies are saved.
   constexpr int kPairs = kStageRows / 2;
   constexpr int kRowStride = kThreads / kPairs;
-  static_assert(kRowStride * kMTiles == L::kRows, "every row of the tiles has a thread");
+  static_assert(kRowStride * kMTiles == Stage::kRows, "every row of the tiles has a thread");
   const int pair = threadIdx.x % kPairs, row0 = threadIdx.x / kPairs;
   const int kk = k0 + 2 * pair;
   const bool k_ok = kk < p.k;  // K is a multiple of 64, not of 128
-  char* x_dst = stage + L::kXOffset + row0 * L::kXRowBytes + 4 * x_position(pair);
+  char* x_dst = stage + Stage::kXOffset + row0 * Stage::kXRowBytes + 4 * x_position(pair);
   const T* x_src = p.x + int64_t(row0) * p.k + kk;
 #pragma unroll
   for (int u = 0; u < kMTiles; ++u) {
     if (row0 + kRowStride * u < p.m) {
-      copy4_async(x_dst + u * kRowStride * L::kXRowBytes,
+      copy4_async(x_dst + u * kRowStride * Stage::kXRowBytes,
                   k_ok ? x_src + int64_t(u) * kRowStride * p.k : p.x, k_ok);
     }
   }
   copy_stage_scales<T, kSymmetric, kColumns, kThreads, kStageRows>(
-      stage + L::kScaleOffset, stage + L::kOffsetOffset, L::kScaleRowBytes, p.scales, p.offsets,
-      k0, p.group_shift, p.groups, p.n, col_base);
+      stage + Stage::kScaleOffset, stage + Stage::kOffsetOffset, Stage::kScaleRowBytes, p.scales,
+      p.offsets, k0, p.group_shift, p.groups, p.n, col_base);
 }
 
 // The MMAs with sparsity selector kH of one step, every M tile. x_lane is the
@@ -192,22 +192,21 @@ template <typename T, bool kSymmetric>
 __device__ __forceinline__ void compute_step(const char* stage, int step, int group_shift,
                                              int strip, int g, int t, bool col_ok,
                                              float (&acc)[kMTiles][2][4]) {
-  using L = Stage;
   const int r = 4 * step + t;  // the lane's code word and metadata row in the stage
   const int unit = 8 * strip + g;  // its 4 columns, in 16-byte code / 8-byte metadata units
-  const uint4 w =
-      *reinterpret_cast<const uint4*>(stage + r * L::kCodeRowBytes + 16 * swizzled_chunk(unit, r));
-  const uint2 e = *reinterpret_cast<const uint2*>(stage + L::kMetaOffset + r * L::kMetaRowBytes +
-                                                  8 * swizzled_metadata_unit(unit, r));
+  const uint4 w = *reinterpret_cast<const uint4*>(stage + r * Stage::kCodeRowBytes +
+                                                  16 * swizzled_chunk(unit, r));
+  const uint2 e = *reinterpret_cast<const uint2*>(
+      stage + Stage::kMetaOffset + r * Stage::kMetaRowBytes + 8 * swizzled_metadata_unit(unit, r));
   const int scale_row = group_shift >= 7 ? 0 : (r * kSparseRowsPerWord) >> group_shift;
   uint32_t scale[4], offset[4];
-  staged_scales<kSymmetric>(stage + L::kScaleOffset, stage + L::kOffsetOffset, L::kScaleRowBytes,
-                            scale_row, unit, scale, offset);
+  staged_scales<kSymmetric>(stage + Stage::kScaleOffset, stage + Stage::kOffsetOffset,
+                            Stage::kScaleRowBytes, scale_row, unit, scale, offset);
   const uint32_t word[4] = {w.x, w.y, w.z, w.w};
   // Past N the copies filled zeros: zero codes and scales give zero weights,
   // but the metadata must still be valid nibbles for mma.sp.
   const uint32_t meta[2] = {col_ok ? e.x : kNoMetadata, col_ok ? e.y : kNoMetadata};
-  const char* x_lane = stage + L::kXOffset + g * L::kXRowBytes + 128 * step + 32 * t;
+  const char* x_lane = stage + Stage::kXOffset + g * Stage::kXRowBytes + 128 * step + 32 * t;
   mma_half<T, kSymmetric, 0>(acc, x_lane, word, scale, offset, meta);
   mma_half<T, kSymmetric, 1>(acc, x_lane, word, scale, offset, meta);
 }
@@ -229,7 +228,6 @@ __device__ __forceinline__ void wait_all_but(int pending) {
 template <typename T, bool kSymmetric>
 __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     gemm_sparse_mid_m_kernel(SparseMidParams<T> p) {
-  using L = Stage;
   extern __shared__ __align__(16) char smem[];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -250,7 +248,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   // is always "up to stage j".
   for (int i = 0; i < ring - 1; ++i) {
     if (begin + i < end) {
-      load_stage<T, kSymmetric>(smem + i * L::kBytes, p, begin + i, col_base);
+      load_stage<T, kSymmetric>(smem + i * Stage::kBytes, p, begin + i, col_base);
     }
     commit_async();
   }
@@ -261,12 +259,12 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     const int next = j + ring - 1;
     const int free_slot = slot == 0 ? ring - 1 : slot - 1;  // slot of stage j - 1
     if (next < end) {
-      load_stage<T, kSymmetric>(smem + free_slot * L::kBytes, p, next, col_base);
+      load_stage<T, kSymmetric>(smem + free_slot * Stage::kBytes, p, next, col_base);
     }
     commit_async();
     // K is a multiple of 64, not of 128: the last stage may hold one step.
     if (j * kKLanes + k_lane < steps) {
-      compute_step<T, kSymmetric>(smem + slot * L::kBytes, k_lane, p.group_shift, strip,
+      compute_step<T, kSymmetric>(smem + slot * Stage::kBytes, k_lane, p.group_shift, strip,
                                            g, t, col_ok, acc);
     }
     slot = slot + 1 == ring ? 0 : slot + 1;
@@ -293,14 +291,13 @@ inline int ring_stages(int device, int stage_bytes, int ctas_per_sm) {
 
 template <typename T, bool kSymmetric>
 cudaError_t launch(const GemmArgs& args, const uint16_t* metadata, cudaStream_t stream) {
-  using L = Stage;
   constexpr auto kernel = gemm_sparse_mid_m_kernel<T, kSymmetric>;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  const int ring = ring_stages(device, L::kBytes, kCtasPerSm);
+  const int ring = ring_stages(device, Stage::kBytes, kCtasPerSm);
   if (ring < 2) return cudaErrorInvalidConfiguration;  // no device has this little
-  const int shared_bytes = std::max(ring * L::kBytes, L::kReductionBytes);
+  const int shared_bytes = std::max(ring * Stage::kBytes, Stage::kReductionBytes);
   err = allow_shared_memory<kernel>(device, shared_bytes);
   if (err != cudaSuccess) return err;
   const int column_ctas = (args.n + kColumns - 1) / kColumns;

@@ -108,13 +108,13 @@ __device__ __forceinline__ void x_fragments(uint32_t (&b)[2][kMTiles][4],
     const uint32_t pair[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      // Pair run + 2r of our run; the partner's pair of that index in its run
-      // arrives for the pair it needs from ours.
+      // Pair run + 2r (rows 4r from the lane's first row) of our run; the
+      // partner's pair of that index in its run arrives for the one it needs
+      // from ours. Run 0's goes to register 2 (r % 2) of MMA r / 2, run 1's
+      // to the register after it.
       const uint32_t mine = run ? pair[2 * r + 1] : pair[2 * r];
       const uint32_t theirs =
           __shfl_xor_sync(0xffffffffu, run ? pair[2 * r] : pair[2 * r + 1], 1);
-      // Rows 4r (+ 8h) of run 0 go to register 2 (r % 2) of MMA h = r / 2,
-      // those of run 1 to the register after it.
       b[r / 2][mt][2 * (r % 2)] = run ? theirs : mine;
       b[r / 2][mt][2 * (r % 2) + 1] = run ? mine : theirs;
     }
