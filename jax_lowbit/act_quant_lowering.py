@@ -55,12 +55,17 @@ def _act_quant_matmul_cpu(x, *weight, fmt: WeightFormat):
     return y.reshape(x.shape[:-1] + (n,)).astype(x.dtype)
 
 
-def _quantize_rows(rows, group_rows: int, groups: int):
-    """The CUDA pre-pass: xq (M, K) int8, s (M,) float32, t (G, M) int32."""
+def _quantize_rows(rows, group_rows: int, groups: int, interleave_bits: int = 0):
+    """The CUDA pre-pass: xq (M, K) int8, s (M,) float32, t (G, M) int32.
+
+    ``interleave_bits`` 4 or 8 stores each 32-element block of xq's rows in the
+    wgmma kernel's order for such codes (cc/cuda/quantize_rows.cu); 0 in K order.
+    """
     m, k = rows.shape
     return jax.ffi.ffi_call("jax_lowbit_quantize_rows", (
         jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32),
-        jax.ShapeDtypeStruct((groups, m), jnp.int32)))(rows, group_rows=np.int64(group_rows))
+        jax.ShapeDtypeStruct((groups, m), jnp.int32)))(
+        rows, group_rows=np.int64(group_rows), interleave_bits=np.int64(interleave_bits))
 
 
 # The wgmma kernel's stage (128 rows of K: one 128-byte row of xq) and the N
@@ -87,8 +92,9 @@ def uses_gemm_kernel(fmt: WeightFormat, rows: int) -> bool:
     return _groups(fmt) > 1 or rows <= KERNEL_ROWS
 
 
-def _gemm_kernel(rows, weight, fmt: WeightFormat, target: str):
-    """One of the two GEMM targets (their arguments are the same)."""
+def _gemm_kernel(rows, weight, fmt: WeightFormat, target: str, interleave_bits: int = 0):
+    """One of the two GEMM targets (their arguments are the same; the wgmma
+    kernel's xq is interleaved for the weight's bits)."""
     k, n = fmt.shape
     codes, scales, offsets, _ = fmt.split(weight)  # dense: no metadata
     # The mma.sync kernel loads four columns at once: pad N (a copy of the
@@ -98,7 +104,8 @@ def _gemm_kernel(rows, weight, fmt: WeightFormat, target: str):
     if pad:
         codes, scales = (jnp.pad(a, [(0, 0), (0, pad)]) for a in (codes, scales))
         offsets = None if offsets is None else jnp.pad(offsets, [(0, 0), (0, pad)])
-    xq, s, t = _quantize_rows(rows, formats.group_rows(fmt.group_size, k), _groups(fmt))
+    xq, s, t = _quantize_rows(rows, formats.group_rows(fmt.group_size, k), _groups(fmt),
+                              interleave_bits)
     # The kernel reads no offsets for symmetric weights; the slot holds the scales.
     y = jax.ffi.ffi_call(target,
                          jax.ShapeDtypeStruct((rows.shape[0], n + pad), rows.dtype))(
@@ -130,7 +137,7 @@ def _act_quant_matmul_cuda(x, *weight, fmt: WeightFormat):
     k, n = fmt.shape
     rows = x.reshape(math.prod(x.shape[:-1]), k)
     if uses_large_m_kernel(fmt, rows.shape[0]):
-        y = _gemm_kernel(rows, weight, fmt, "jax_lowbit_act_quant_gemm_large_m")
+        y = _gemm_kernel(rows, weight, fmt, "jax_lowbit_act_quant_gemm_large_m", fmt.bits)
     elif uses_gemm_kernel(fmt, rows.shape[0]):
         y = _gemm_kernel(rows, weight, fmt, "jax_lowbit_act_quant_gemm")
     else:

@@ -325,7 +325,10 @@ def test_gpu_odd_number_of_groups(m, bits, group_size, k, rng):
     (129, 4352, 200),  # 4 tiles, K split over 8 CTAs; a row tile of one row
 ])
 @pytest.mark.parametrize("bits, group_size, symmetric", [
-    (4, 128, True), (4, 32, False), (8, -1, True), (8, -1, False), (8, 256, True)])
+    # Groups of 1, 2 and 4 steps and of whole stages are compiled apart;
+    # int4 asymmetric 256-row sums exceed the exact small-integer conversion.
+    (4, 128, True), (4, 32, False), (4, 64, True), (4, 256, False), (8, 128, False),
+    (8, -1, True), (8, -1, False), (8, 256, True)])
 def test_gpu_large_m_kernel(m, k, n, bits, group_size, symmetric, rng):
     from kernel_checks import _poisoned
 
@@ -335,6 +338,29 @@ def test_gpu_large_m_kernel(m, k, n, bits, group_size, symmetric, rng):
         assert cuda_targets(x.shape, x.dtype, qw, act_bits=8) == LARGE_M_KERNEL
     y = _poisoned(_act_matmul, (m, n), x.dtype, x, qw)
     check_against_spec(jnp.asarray(y, jnp.float32).astype(x.dtype), x, qw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpu_pre_pass_interleaves_rows_for_the_wgmma_kernel(bits, rng):
+    """docs/formats.md: with interleave_bits, position 4t + i of each 32-element
+    block of xq holds element 8t + ORDER[i], position 16 + 4t + i element 8t + ORDER[4 + i]."""
+    order = {4: [0, 4, 1, 5, 2, 6, 3, 7], 8: [0, 2, 1, 3, 4, 6, 5, 7]}[bits]
+    where = np.empty(32, np.int64)
+    for lane in range(4):
+        for i in range(4):
+            where[4 * lane + i] = 8 * lane + order[i]
+            where[16 + 4 * lane + i] = 8 * lane + order[4 + i]
+    m, k, group_rows = 5, 256, 64
+    x = _x(rng, (m, k), jnp.bfloat16)
+    xq, s = act_quant_reference.quantize_rows(np.asarray(x.astype(jnp.float32)))
+    for interleave_bits, want in [(0, xq), (bits, xq.reshape(m, -1, 32)[:, :, where])]:
+        got = jax.jit(lambda x: act_quant_lowering._quantize_rows(
+            x, group_rows, k // group_rows, interleave_bits))(x)
+        np.testing.assert_array_equal(np.asarray(got[0]).reshape(want.shape), want)
+        np.testing.assert_array_equal(np.asarray(got[1]), s)
+        np.testing.assert_array_equal(np.asarray(got[2]),
+                                      xq.reshape(m, -1, group_rows).sum(axis=2).T)
 
 
 @pytest.mark.gpu

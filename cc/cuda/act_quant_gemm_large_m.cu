@@ -9,19 +9,19 @@
 //    MMA rows g and g + 8 of warp w are the adjacent columns 16w + 2g and
 //    16w + 2g + 1 of the warpgroup's block: one 8-byte shared load gets both
 //    columns' code words.
-//  * A registers are the m16n8k32 s8 A fragment per warp: lane (g, t) holds
-//    k slots 4t .. 4t + 3 (registers 0, 1: rows g, g + 8) and 16 + 4t .. + 3
-//    (registers 2, 3). B is xq in its natural order, so slot s is row s of the
-//    step's 32 K rows and every A register needs four consecutive rows:
-//    - int4: rows 0..3 or 4..7 of a word (t even or odd). The nibbles at bits
-//      0, 8, 16, 24 are rows 0, 4, 1, 5 and those at 4, 12, 20, 28 rows 2, 6,
-//      3, 7 (docs/formats.md); moving each into the top half of its byte and
-//      flipping its top bit (one lop3, SignedCodes<4>) makes the byte
-//      16 * (code - 8) as an s8, and one prmt picks rows 0, 1, 2, 3 (bytes 0
-//      and 2 of each) or 4, 5, 6, 7 (bytes 1 and 3). The sums are 16 p, exact
-//      (the group term's scale is divided by 16; one group: p = sum >> 4).
-//    - int8: a word holds rows 0, 2, 1, 3 as bytes: one prmt reorders them and
-//      flipping each byte's top bit gives code - 128.
+//  * A registers are the m16n8k32 s8 A fragment per warp, made from the
+//    packed words as the mma.sync kernel makes them (SignedCodes in
+//    mma_fragments.cuh): lane (g, t) of step s reads its two columns' words
+//    of K rows 32s + 8t .. + 7 (int4: one word each, one 8-byte shared load;
+//    int8: two), and every code of them lands in the lane's k slots. The
+//    K order this gives the k slots is the one SignedCodes<bits>::b_fragment
+//    makes of eight activations in registers; wgmma reads B from shared
+//    memory as it lies, so the pre-pass stores xq in that order
+//    (quantize_rows.cu, interleave_bits). Until v15 xq was in K order and a
+//    lane read two words per register set, using half of each, with a prmt
+//    per register (docs/perf.md v16). int4 bytes are 16 * (code - 8): the
+//    sums are 16 p, exact (the group term's scale is divided by 16; one
+//    group: p = sum >> 4).
 //  * Groups: the s32 accumulators hold one group's sum p. The first wgmma of
 //    a group passes accumulate = 0 (no register writes, which would serialize
 //    the wgmmas), and after its last one the warpgroup waits for its wgmmas
@@ -122,18 +122,6 @@ struct StageMaps {
   CUtensorMap x, codes, scales, offsets;
 };
 
-// The A register of four consecutive K rows (see the header) of the word
-// holding them; `upper` picks rows 4..7 of an int4 word.
-template <int kBits>
-__device__ __forceinline__ uint32_t a_register(uint32_t word, bool upper) {
-  if constexpr (kBits == 4) {
-    return __byte_perm(SignedCodes<4>::low_nibbles(word), SignedCodes<4>::high_nibbles(word),
-                       upper ? 0x7531 : 0x6420);
-  } else {
-    return __byte_perm(word, 0, 0x3120) ^ 0x80808080u;
-  }
-}
-
 // Named barrier 1 + `warpgroup` (0 is __syncthreads), of both consumer
 // warpgroups' threads: a warpgroup waits on its own and arrives on the
 // other's. The ids are immediates (ptxas reserves all 16 for a register id).
@@ -163,14 +151,24 @@ __device__ __forceinline__ float small_int_to_float(int32_t v) {
   return __int_as_float(v + 0x4B400000) - kMagic;
 }
 
-template <int kBits, bool kSymmetric, bool kOneGroup>
+// kGroupSteps: 0 for one group (group_size -1); 1, 2 or 4 for groups of that
+// many 32-row steps (1, 2 or 4 groups end in every stage); kStagedGroups (8)
+// for groups of two or more stages. Where a group starts and ends within a
+// stage is then known at compile time: v15 worked it out at run time at
+// every step, and the branches and index arithmetic were about a third of the
+// instructions of a stage (docs/perf.md v16).
+constexpr int kStagedGroups = 8;
+
+template <int kBits, bool kSymmetric, int kGroupSteps>
 __global__ void __launch_bounds__(kThreads, 1)
     act_quant_large_m_kernel(const ActQuantArgs p, int row_tiles,
                              const __grid_constant__ StageMaps maps) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool kOneGroup = kGroupSteps == 0;
   using L = StageLayout<kBits, kOneGroup>;
+  using Codes = SignedCodes<kBits>;
   constexpr int kRows = L::kRows, kAccumulators = L::kAccumulators, kStages = L::kStages;
-  constexpr int kShift = SignedCodes<kBits>::kProductShift;
+  constexpr int kShift = Codes::kProductShift;
   extern __shared__ __align__(1024) char smem[];
 
   const int group = threadIdx.x / 128;
@@ -181,19 +179,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int column = group * 64 + 16 * warp + 2 * g;  // of MMA row g; g + 8 is column + 1
   // A split takes whole chunks of stages that end groups.
   const int group_steps = kOneGroup ? 1 : p.group_steps;
-  const int chunk = max(1, group_steps / kSteps);
-  const int chunks = p.k / kStageK / chunk;
+  // Steps per group where a group lies within a stage (else a stage's).
+  constexpr int kPerGroup = kOneGroup || kGroupSteps == kStagedGroups ? kSteps : kGroupSteps;
+  const int stages_per_group = kGroupSteps == kStagedGroups ? group_steps / kSteps : 1;
+  const int chunks = p.k / kStageK / stages_per_group;
   const int splits = int(gridDim.y);
-  const int first = chunks * int(blockIdx.y) / splits * chunk;
-  const int stages = chunks * (int(blockIdx.y) + 1) / splits * chunk - first;
-  const int scale_rows = max(1, kSteps / group_steps);
-  const int group_shift = __ffs(group_steps) - 1;  // group_steps is a power of two
+  const int first = chunks * int(blockIdx.y) / splits * stages_per_group;
+  const int stages = chunks * (int(blockIdx.y) + 1) / splits * stages_per_group - first;
+  constexpr int kScaleRows = kSteps / kPerGroup;  // groups a stage touches
   // Whether a group's sum, 2^kShift (p + 2^(bits-1) t) = 2^kShift sum xq * code
   // (p alone for symmetric weights), stays below 2^22 in magnitude for
   // small_int_to_float: |xq| <= 127, |code - 2^(bits-1)| <= 2^(bits-1) and
-  // |code| < 2^bits. Only 256-row groups of asymmetric weights exceed it.
+  // |code| < 2^bits. Groups of up to 128 rows always do (at most 127 * 255 *
+  // 128 < 2^22); of the larger ones, 256-row groups of asymmetric weights do not.
   const int64_t code_max = kSymmetric ? (1 << (kBits - 1)) : (1 << kBits) - 1;
   const bool small_sums =
+      kGroupSteps != kStagedGroups ||
       (int64_t(127) << kShift) * code_max * (group_steps * kStepK) < (int64_t(1) << 22);
   const int scale_bytes = float_bytes(p.scale_type);
 
@@ -209,29 +210,23 @@ __global__ void __launch_bounds__(kThreads, 1)
   const tma::ProducerRing ring{barriers, barriers + kStages, kStages};
   const uint32_t stage_bytes =
       L::kXBytes + L::kWordRows * L::kCodeRowBytes +
-      (kOneGroup ? 0 : (kSymmetric ? 1 : 2) * scale_rows * kColumns * scale_bytes);
+      (kOneGroup ? 0 : (kSymmetric ? 1 : 2) * kScaleRows * kColumns * scale_bytes);
   ring.init(kConsumerThreads / 32);
-  // The A registers of step `step` of a stage.
-  // In two parts: the code words' shared loads are issued before the wait
-  // for the wgmma of the step before, so that their latency (their 4 K rows
-  // of a lane lie 512 bytes apart, a 4-way bank conflict) overlaps it.
-  auto fetch = [&](const char* stage, int step, uint2(&words)[2]) {
+  // The A registers of step `step` of a stage, in two parts: the code words'
+  // shared loads are issued before the wait for the wgmma of the step
+  // before, so that their latency (the four t of a warp read rows 512 bytes
+  // apart, a 4-way bank conflict) overlaps it.
+  using Words = uint4[Codes::kLoads];  // .x, .y: columns column and column + 1
+  auto fetch = [&](const char* stage, int step, Words& words) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      // K rows 32 step + 16 half + 4t .. + 3 of the stage.
-      const int row = kStepK * step + 16 * half + 4 * t;
-      words[half] = *reinterpret_cast<const uint2*>(
-          stage + L::kCodeOffset + (row / L::kPerWord) * L::kCodeRowBytes + 4 * column);
+    for (int load = 0; load < Codes::kLoads; ++load) {
+      const uint2 pair = *reinterpret_cast<const uint2*>(
+          stage + L::kCodeOffset + Codes::word_row(step, t, load) * L::kCodeRowBytes +
+          4 * column);
+      words[load] = make_uint4(pair.x, pair.y, 0, 0);
     }
   };
-  auto widen = [&](int step, const uint2(&words)[2], uint32_t(&frag)[4]) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const bool upper = (kStepK * step + 16 * half + 4 * t) % L::kPerWord != 0;
-      frag[2 * half] = a_register<kBits>(words[half].x, upper);
-      frag[2 * half + 1] = a_register<kBits>(words[half].y, upper);
-    }
-  };
+  auto widen = [&](const Words& words, uint32_t(&frag)[4]) { Codes::a_fragment(words, 0, frag); };
   // After the last step of group `group_index` (step `step` of `stage`): its
   // term joins the f32 sums, as one fma: acc + f32(sum) * scale rounds once
   // where the spec rounds the product and the sum (docs/formats.md). The
@@ -239,7 +234,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // 2^kShift (exact). Accumulators 4q + h and 4q + 2 + h are MMA rows g and
   // g + 8 (columns column, column + 1) at MMA column 8q + 2t + h.
   auto add_group = [&](const char* stage, int step, int group_index, auto small) {
-    const int at = (step >> group_shift) * kColumns + column;  // scale row, column
+    const int at = step / kPerGroup * kColumns + column;
     constexpr float kUnit = 1.f / (1 << kShift);
     float scale[2], offset[2] = {0.f, 0.f};
 #pragma unroll
@@ -277,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         tma::load_2d(stage, &maps.x, row0, k0, full);
         tma::load_2d(stage + L::kCodeOffset, &maps.codes, k0 / L::kPerWord, col0, full);
         if (!kOneGroup) {
-          const int scale_row = (k0 / kStepK) >> group_shift;
+          const int scale_row = k0 / (group_steps * kStepK);
           tma::load_2d(stage + L::kScaleOffset, &maps.scales, scale_row, col0, full);
           if (!kSymmetric) {
             tma::load_2d(stage + L::kOffsetOffset, &maps.offsets, scale_row, col0, full);
@@ -287,34 +282,37 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (splits == 1) return;  // else the warp joins the cluster's barriers below
   } else {
-    const int local_groups = (stages * kSteps) >> group_shift;
     ring.wait_full(0);
-    uint2 words[2];
+    Words words;
     fetch(smem, 0, words);
-    widen(0, words, a[0]);
+    widen(words, a[0]);
     for (int j = 0; j < stages; ++j) {
       const char* stage = smem + (j % kStages) * L::kBytes;
       const uint32_t x_base = shared_address(stage);
+      // Groups of whole stages: whether stage j starts and ends one.
+      const bool stage_starts = j % stages_per_group == 0;
+      const bool stage_ends = (j + 1) % stages_per_group == 0;
 #pragma unroll
       for (int step = 0; step < kSteps; ++step) {
         const int set = step % 2;
-        const int global_step = (first + j) * kSteps + step;
+        // Constants once the loop is unrolled, but for groups of whole stages.
         const bool starts_group =
-            kOneGroup ? j + step == 0 : (global_step & (group_steps - 1)) == 0;
-        const bool ends_group = !kOneGroup && ((global_step + 1) & (group_steps - 1)) == 0;
+            kOneGroup ? j + step == 0 : step % kPerGroup == 0 && stage_starts;
+        // (32- and 64-row groups end 4 and 2 times a stage; the run-time test
+        // of group_steps, always kGroupSteps there, keeps ptxas from scheduling
+        // their terms together, which spilled up to 660 bytes.)
+        const bool ends_group = !kOneGroup && (step + 1) % kPerGroup == 0 && stage_ends &&
+                                (kPerGroup == kSteps || p.group_steps == kGroupSteps);
+        const bool first_group = j < stages_per_group && step < kPerGroup;
+        const bool last_group = j >= stages - stages_per_group && step >= kSteps - kPerGroup;
         // This warpgroup's turn to issue a group's wgmmas (see the header).
-        const int local_group = (global_step - first * kSteps) >> group_shift;
-        if (!kOneGroup && starts_group && (group == 1 || local_group > 0)) {
-          wait_turn(group);
-        }
+        if (!kOneGroup && starts_group && (group == 1 || !first_group)) wait_turn(group);
         // B: rows 32 step .. + 31 of K, 32 bytes into every 128-byte row of xq.
         wgmma::fence();
         wgmma::Mma<int8_t>::mma(iacc, a[set], wgmma::descriptor_sw128(x_base + 32 * step),
                                 !starts_group);
         wgmma::commit();
-        if (ends_group && (group == 0 || local_group + 1 < local_groups)) {
-          pass_turn(group);
-        }
+        if (ends_group && (group == 0 || !last_group)) pass_turn(group);
         const bool more = step + 1 < kSteps || j + 1 < stages;
         if (step + 1 < kSteps) {
           fetch(stage, step + 1, words);
@@ -326,17 +324,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         // below), and the A set of the next step is filled.
         auto advance = [&] {
           if (step == 0 && j > 0) ring.release(j - 1);
-          if (more) widen((step + 1) % kSteps, words, a[1 - set]);
+          if (more) widen(words, a[1 - set]);
         };
         // One branch waits for all wgmmas and reads the accumulators: ptxas
         // serializes every wgmma if a path reaches such reads without that wait.
         if (ends_group) {
           wgmma::wait<0>();
           advance();
+          const int group_index = kGroupSteps == kStagedGroups
+                                      ? (first + j) / stages_per_group
+                                      : ((first + j) * kSteps + step) / kPerGroup;
           if (small_sums) {
-            add_group(stage, step, global_step >> group_shift, std::true_type{});
+            add_group(stage, step, group_index, std::true_type{});
           } else {
-            add_group(stage, step, global_step >> group_shift, std::false_type{});
+            add_group(stage, step, group_index, std::false_type{});
           }
         } else {
           wgmma::wait<1>();  // the wgmma of the step before is done, and its A set free
@@ -442,11 +443,12 @@ bool make_maps(const ActQuantArgs& args, int rows, StageMaps& maps) {
                      kColumns, false);
 }
 
-template <int kBits, bool kSymmetric, bool kOneGroup>
+template <int kBits, bool kSymmetric, int kGroupSteps>
 cudaError_t launch(const ActQuantArgs& args, int device, cudaStream_t stream) {
+  constexpr bool kOneGroup = kGroupSteps == 0;
   using L = StageLayout<kBits, kOneGroup>;
   constexpr int kRows = L::kRows;
-  constexpr auto kernel = act_quant_large_m_kernel<kBits, kSymmetric, kOneGroup>;
+  constexpr auto kernel = act_quant_large_m_kernel<kBits, kSymmetric, kGroupSteps>;
   StageMaps maps;
   if (!make_maps(args, kRows, maps)) return cudaErrorInvalidValue;
   cudaError_t err = allow_shared_memory<kernel>(device, L::kSharedBytes);
@@ -463,15 +465,23 @@ cudaError_t launch(const ActQuantArgs& args, int device, cudaStream_t stream) {
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
+template <int kBits, int kGroupSteps>
+cudaError_t launch_symmetry(const ActQuantArgs& args, bool symmetric, int device,
+                            cudaStream_t stream) {
+  return symmetric ? launch<kBits, true, kGroupSteps>(args, device, stream)
+                   : launch<kBits, false, kGroupSteps>(args, device, stream);
+}
+
 template <int kBits>
 cudaError_t launch_bits(const ActQuantArgs& args, bool symmetric, int device,
                         cudaStream_t stream) {
-  if (args.groups == 1) {
-    return symmetric ? launch<kBits, true, true>(args, device, stream)
-                     : launch<kBits, false, true>(args, device, stream);
+  if (args.groups == 1) return launch_symmetry<kBits, 0>(args, symmetric, device, stream);
+  switch (args.group_steps) {  // a power of two
+    case 1: return launch_symmetry<kBits, 1>(args, symmetric, device, stream);
+    case 2: return launch_symmetry<kBits, 2>(args, symmetric, device, stream);
+    case 4: return launch_symmetry<kBits, 4>(args, symmetric, device, stream);
+    default: return launch_symmetry<kBits, kStagedGroups>(args, symmetric, device, stream);
   }
-  return symmetric ? launch<kBits, true, false>(args, device, stream)
-                   : launch<kBits, false, false>(args, device, stream);
 }
 
 ffi::Error act_quant_gemm_large_m_impl(cudaStream_t stream, ffi::Buffer<ffi::S8> xq,

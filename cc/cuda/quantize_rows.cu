@@ -4,6 +4,12 @@
 // is cc/act_quant.h). One CTA per row: a pass for the absmax, a second pass
 // (from L1/L2) that quantizes. K is a multiple of 4 in every packed format,
 // so a thread takes four consecutive elements at a time with one load.
+// For the wgmma kernel (act_quant_gemm_large_m.cu) xq's rows are stored
+// interleaved: in each block of 32 elements, elements 8t .. 8t + 7 go where
+// the s8 MMA's B fragment of lane t wants them for `bits`-bit codes
+// (SignedCodes<bits>::b_fragment, the order the mma.sync kernel makes in
+// registers). wgmma reads B from shared memory as it lies, so this lets its
+// lanes take their K rows as whole code words (docs/formats.md).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -15,6 +21,7 @@
 #include "cuda/convert.cuh"
 #include "cuda/handlers.h"
 #include "cuda/launch_status.h"
+#include "cuda/mma_fragments.cuh"
 
 namespace jax_lowbit {
 namespace {
@@ -52,14 +59,30 @@ __device__ float block_max(float v) {
   return __uint_as_float(all);
 }
 
-template <typename T>
+// Elements i .. i + 3 of a row: their int8 values packed in a word, and their sum.
+__device__ __forceinline__ uint32_t quantize4(const float (&v)[4], float scale, int32_t& sum) {
+  uint32_t packed = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int32_t q = quantize_activation(v[j], scale);
+    packed |= (static_cast<uint32_t>(q) & 0xffu) << (8 * j);
+    sum += q;
+  }
+  return packed;
+}
+
+// kInterleaveBits: 0 (xq in K order) or 4 / 8 (interleaved for such codes, see the header).
+template <typename T, int kInterleaveBits>
 __global__ void __launch_bounds__(kThreads)
     quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ xq,
                          float* __restrict__ scales, int32_t* __restrict__ group_sums,
                          int m_rows, int k, int group_rows, int groups) {
+  // Interleaved, a thread takes the eight elements of one fragment lane.
+  constexpr int kElements = kInterleaveBits ? 8 : 4;
   extern __shared__ int32_t sums[];
   const int m = blockIdx.x;
   const T* row = x + int64_t{m} * k;
+  int8_t* out = xq + int64_t{m} * k;
   float absmax = 0.f;
   for (int i = 4 * threadIdx.x; i < k; i += 4 * kThreads) {
     float v[4];
@@ -70,19 +93,24 @@ __global__ void __launch_bounds__(kThreads)
   const float scale = activation_scale(block_max(absmax));
   for (int g = threadIdx.x; g < groups; g += kThreads) sums[g] = 0;
   __syncthreads();
-  for (int i = 4 * threadIdx.x; i < k; i += 4 * kThreads) {
+  for (int i = kElements * threadIdx.x; i < k; i += kElements * kThreads) {
     float v[4];
     load4(row + i, v);
-    uint32_t packed = 0;
     int32_t sum = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int32_t q = quantize_activation(v[j], scale);
-      packed |= (static_cast<uint32_t>(q) & 0xffu) << (8 * j);
-      sum += q;
+    const uint32_t packed = quantize4(v, scale, sum);
+    if constexpr (kInterleaveBits == 0) {
+      *reinterpret_cast<uint32_t*>(out + i) = packed;
+    } else {
+      load4(row + i + 4, v);
+      const uint2 lane_rows = make_uint2(packed, quantize4(v, scale, sum));
+      uint32_t b[2];
+      SignedCodes<kInterleaveBits>::b_fragment(lane_rows, b[0], b[1]);
+      // Lane t = i % 32 / 8 of the block: its k slots 4t .. 4t + 3 and 16 + 4t .. + 3.
+      int8_t* block = out + (i & ~31) + i % 32 / 2;
+      *reinterpret_cast<uint32_t*>(block) = b[0];
+      *reinterpret_cast<uint32_t*>(block + 16) = b[1];
     }
-    *reinterpret_cast<uint32_t*>(xq + int64_t{m} * k + i) = packed;
-    // Group sizes are multiples of 4: the four elements share one group.
+    // Group sizes are multiples of kElements: the elements share one group.
     // Integer atomics add in any order to the same sum.
     atomicAdd(&sums[i / group_rows], sum);
   }
@@ -100,18 +128,28 @@ struct RowsArgs {
   int m_rows, k, group_rows, groups;
 };
 
-template <typename T>
+template <typename T, int kInterleaveBits>
 cudaError_t launch(const RowsArgs& a, cudaStream_t stream) {
-  quantize_rows_kernel<T><<<a.m_rows, kThreads, a.groups * sizeof(int32_t), stream>>>(
+  quantize_rows_kernel<T, kInterleaveBits><<<a.m_rows, kThreads, a.groups * sizeof(int32_t), stream>>>(
       static_cast<const T*>(a.x), a.xq, a.scales, a.group_sums, a.m_rows, a.k, a.group_rows,
       a.groups);
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t launch_order(const RowsArgs& a, int interleave_bits, cudaStream_t stream) {
+  switch (interleave_bits) {
+    case 4: return launch<T, 4>(a, stream);
+    case 8: return launch<T, 8>(a, stream);
+    default: return launch<T, 0>(a, stream);
+  }
+}
+
 ffi::Error quantize_rows_impl(cudaStream_t stream, ffi::AnyBuffer x,
                               ffi::Result<ffi::Buffer<ffi::S8>> xq,
                               ffi::Result<ffi::Buffer<ffi::F32>> scales,
-                              ffi::Result<ffi::Buffer<ffi::S32>> group_sums, int64_t group_rows) {
+                              ffi::Result<ffi::Buffer<ffi::S32>> group_sums, int64_t group_rows,
+                              int64_t interleave_bits) {
   const auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("quantize_rows: x must be (M, K)");
   const int64_t m_rows = dims[0], k = dims[1];
@@ -120,6 +158,12 @@ ffi::Error quantize_rows_impl(cudaStream_t stream, ffi::AnyBuffer x,
     return ffi::Error::InvalidArgument(
         "quantize_rows: K and the group size must be multiples of 4, the group size must "
         "divide K");
+  }
+  if (interleave_bits != 0 &&
+      ((interleave_bits != 4 && interleave_bits != 8) || k % 32 != 0 || group_rows % 8 != 0)) {
+    return ffi::Error::InvalidArgument(
+        "quantize_rows: interleave_bits must be 0, 4 or 8; interleaved, K must be a multiple "
+        "of 32 and the group size of 8");
   }
   const int64_t groups = k / group_rows;
   const auto xq_dims = xq->dimensions();
@@ -139,10 +183,14 @@ ffi::Error quantize_rows_impl(cudaStream_t stream, ffi::AnyBuffer x,
                       scales->typed_data(),      group_sums->typed_data(),
                       static_cast<int>(m_rows),  static_cast<int>(k),
                       static_cast<int>(group_rows), static_cast<int>(groups)};
+  const int bits = static_cast<int>(interleave_bits);
   switch (x.element_type()) {
-    case ffi::F32: return launch_status(launch<float>(args, stream), "quantize_rows");
-    case ffi::BF16: return launch_status(launch<__nv_bfloat16>(args, stream), "quantize_rows");
-    case ffi::F16: return launch_status(launch<__half>(args, stream), "quantize_rows");
+    case ffi::F32:
+      return launch_status(launch_order<float>(args, bits, stream), "quantize_rows");
+    case ffi::BF16:
+      return launch_status(launch_order<__nv_bfloat16>(args, bits, stream), "quantize_rows");
+    case ffi::F16:
+      return launch_status(launch_order<__half>(args, bits, stream), "quantize_rows");
     default: return ffi::Error::InvalidArgument("quantize_rows: x must be f32, bf16 or f16");
   }
 }
@@ -157,5 +205,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitQuantizeRowsCuda, jax_lowbit::quantize_rows_
                                   .Ret<xla::ffi::Buffer<xla::ffi::S8>>()
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Ret<xla::ffi::Buffer<xla::ffi::S32>>()
-                                  .Attr<int64_t>("group_rows"),
+                                  .Attr<int64_t>("group_rows")
+                                  .Attr<int64_t>("interleave_bits"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
