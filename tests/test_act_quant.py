@@ -324,11 +324,12 @@ def test_gpu_odd_number_of_groups(m, bits, group_size, k, rng):
     (1000, 1024, 2048),  # 128 tiles: no K split
     (129, 4352, 200),  # 4 tiles, K split over 8 CTAs; a row tile of one row
 ])
-@pytest.mark.parametrize("bits, group_size, symmetric", [
-    # Groups of 1, 2 and 4 steps and of whole stages are compiled apart;
-    # int4 asymmetric 256-row sums exceed the exact small-integer conversion.
-    (4, 128, True), (4, 32, False), (4, 64, True), (4, 256, False), (8, 128, False),
-    (8, -1, True), (8, -1, False), (8, 256, True)])
+# One group and groups of 1, 2 and 4 steps and of whole stages are compiled
+# apart, for each bits and symmetry; int4 asymmetric 256-row sums exceed the
+# exact small-integer conversion.
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
 def test_gpu_large_m_kernel(m, k, n, bits, group_size, symmetric, rng):
     from kernel_checks import _poisoned
 

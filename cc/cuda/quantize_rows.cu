@@ -130,7 +130,8 @@ struct RowsArgs {
 
 template <typename T, int kInterleaveBits>
 cudaError_t launch(const RowsArgs& a, cudaStream_t stream) {
-  quantize_rows_kernel<T, kInterleaveBits><<<a.m_rows, kThreads, a.groups * sizeof(int32_t), stream>>>(
+  const size_t shared_bytes = a.groups * sizeof(int32_t);
+  quantize_rows_kernel<T, kInterleaveBits><<<a.m_rows, kThreads, shared_bytes, stream>>>(
       static_cast<const T*>(a.x), a.xq, a.scales, a.group_sums, a.m_rows, a.k, a.group_rows,
       a.groups);
   return cudaGetLastError();
