@@ -345,13 +345,15 @@ def test_gpu_large_m_kernel(m, k, n, bits, group_size, symmetric, rng):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_gpu_pre_pass_interleaves_rows_for_the_wgmma_kernel(bits, rng):
     """docs/formats.md: with interleave_bits, position 4t + i of each 32-element
-    block of xq holds element 8t + ORDER[i], position 16 + 4t + i element 8t + ORDER[4 + i]."""
+    block of xq holds element 8t + ORDER[i], position 16 + 4t + i element 8t + ORDER[4 + i];
+    for int8 codes the two halves of odd t trade places."""
     order = {4: [0, 4, 1, 5, 2, 6, 3, 7], 8: [0, 2, 1, 3, 4, 6, 5, 7]}[bits]
     where = np.empty(32, np.int64)
     for lane in range(4):
+        swap = 4 * (bits == 8 and lane % 2 == 1)
         for i in range(4):
-            where[4 * lane + i] = 8 * lane + order[i]
-            where[16 + 4 * lane + i] = 8 * lane + order[4 + i]
+            where[4 * lane + i] = 8 * lane + order[i + swap]
+            where[16 + 4 * lane + i] = 8 * lane + order[(4 + i + swap) % 8]
     m, k, group_rows = 5, 256, 64
     x = _x(rng, (m, k), jnp.bfloat16)
     xq, s = act_quant_reference.quantize_rows(np.asarray(x.astype(jnp.float32)))

@@ -42,9 +42,9 @@
 //    their terms (named barriers 1 and 2: warpgroup w waits on 1 + w before
 //    a group's first wgmma, and after its last lets the other go), so the
 //    tensor cores have the other's wgmmas queued during each term.
-//    The stage: xq
-//    (kRows rows of 128 bytes, the wgmma 128-byte swizzle), the code words of
-//    the stage and the rows of scales (and offsets) of its groups; rows past
+//    The stage: xq (kRows rows of 128 bytes, the wgmma 128-byte swizzle),
+//    the code words of the stage (in blocks of one warp's 16 columns, see
+//    `fetch`) and the rows of scales (and offsets) of its groups; rows past
 //    M and columns past N arrive as zeros. t (asymmetric only) is read from
 //    global memory at a group's end: its rows are M * 4 bytes apart, which
 //    TMA needs to be a multiple of 16.
@@ -59,7 +59,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
 #include "act_quant.h"
 #include "cuda/act_quant_target.h"
@@ -88,6 +87,9 @@ constexpr int kSteps = kStageK / kStepK;
 constexpr int kMinStagesPerSplit = 4;
 constexpr int kFixedStages = 3;
 constexpr int kMaxSharedBytes = 227 * 1024;  // per CTA on sm_90
+// A stage's code words lie in blocks of 16 columns, one warp's, each block
+// rows of 64 bytes (see `fetch`).
+constexpr int kCodeBlockColumns = 16;
 
 // Rows of x per CTA (the wgmma N) and ring slots (all load ahead). With
 // groups a lane holds s32 and f32 accumulators, kRows / 2 each, which leaves
@@ -106,10 +108,12 @@ struct StageLayout {
   // bytes each.
   static constexpr int kScaleRows = kSteps;
   static constexpr int kXBytes = kRows * kStageK;
-  static constexpr int kCodeRowBytes = kColumns * 4;
+  static constexpr int kBlockRowBytes = kCodeBlockColumns * 4;
+  static constexpr int kCodeBlockBytes = kWordRows * kBlockRowBytes;
+  static constexpr int kCodeBytes = kWordRows * kColumns * 4;
   static constexpr int kScaleRowBytes = kColumns * 4;
   static constexpr int kCodeOffset = kXBytes;
-  static constexpr int kScaleOffset = kCodeOffset + kWordRows * kCodeRowBytes;
+  static constexpr int kScaleOffset = kCodeOffset + kCodeBytes;
   static constexpr int kOffsetOffset = kScaleOffset + kScaleRows * kScaleRowBytes;
   static constexpr int kBytes = (kOffsetOffset + kScaleRows * kScaleRowBytes + 1023) / 1024 * 1024;
   static constexpr int kStages = (kMaxSharedBytes - 1024) / kBytes;
@@ -138,17 +142,6 @@ __device__ __forceinline__ void pass_turn(int warpgroup) {
   } else {
     asm volatile("bar.arrive 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
   }
-}
-
-// v as float32, exactly, for |v| < 2^22: the float whose bits are those of
-// 1.5 * 2^23 plus v is 1.5 * 2^23 + v (its unit in the last place is 1), and
-// subtracting 1.5 * 2^23 is exact. An integer add (which takes another addend
-// along) and a float add, where the conversion instruction (I2F) runs at a
-// fraction of their rate: at every group's end a lane converts kAccumulators
-// sums, which made I2F a limit of the kernel (docs/perf.md).
-__device__ __forceinline__ float small_int_to_float(int32_t v) {
-  constexpr float kMagic = 12582912.f;  // 1.5 * 2^23, bits 0x4B400000
-  return __int_as_float(v + 0x4B400000) - kMagic;
 }
 
 // kGroupSteps: 0 for one group (group_size -1); 1, 2 or 4 for groups of that
@@ -187,15 +180,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int first = chunks * int(blockIdx.y) / splits * stages_per_group;
   const int stages = chunks * (int(blockIdx.y) + 1) / splits * stages_per_group - first;
   constexpr int kScaleRows = kSteps / kPerGroup;  // groups a stage touches
-  // Whether a group's sum, 2^kShift (p + 2^(bits-1) t) = 2^kShift sum xq * code
-  // (p alone for symmetric weights), stays below 2^22 in magnitude for
-  // small_int_to_float: |xq| <= 127, |code - 2^(bits-1)| <= 2^(bits-1) and
-  // |code| < 2^bits. Groups of up to 128 rows always do (at most 127 * 255 *
-  // 128 < 2^22); of the larger ones, 256-row groups of asymmetric weights do not.
-  const int64_t code_max = kSymmetric ? (1 << (kBits - 1)) : (1 << kBits) - 1;
-  const bool small_sums =
-      kGroupSteps != kStagedGroups ||
-      (int64_t(127) << kShift) * code_max * (group_steps * kStepK) < (int64_t(1) << 22);
   const int scale_bytes = float_bytes(p.scale_type);
 
   int32_t iacc[kAccumulators];  // left unset: the first wgmma of a group overwrites them
@@ -209,20 +193,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + L::kBarrierOffset);
   const tma::ProducerRing ring{barriers, barriers + kStages, kStages};
   const uint32_t stage_bytes =
-      L::kXBytes + L::kWordRows * L::kCodeRowBytes +
+      L::kXBytes + L::kCodeBytes +
       (kOneGroup ? 0 : (kSymmetric ? 1 : 2) * kScaleRows * kColumns * scale_bytes);
   ring.init(kConsumerThreads / 32);
   // The A registers of step `step` of a stage, in two parts: the code words'
   // shared loads are issued before the wait for the wgmma of the step
-  // before, so that their latency (the four t of a warp read rows 512 bytes
-  // apart, a 4-way bank conflict) overlaps it.
+  // before, so that their latency overlaps it. A warp reads its block's
+  // columns (64 bytes) of four word rows, one per t, two wavefronts with no
+  // bank conflict: int4's rows 4s + t are adjacent; int8 lanes of odd t
+  // load their rows 8s + 2t + 1 and 8s + 2t in that order, so that each load
+  // reads two even and two odd rows (the two 64-byte halves of the banks),
+  // and the pre-pass stores their activations' halves swapped to match
+  // (docs/formats.md). v16's rows of all 128 columns were 512 bytes apart:
+  // a 4-way conflict.
   using Words = uint4[Codes::kLoads];  // .x, .y: columns column and column + 1
+  const int code_lane = L::kCodeOffset + (4 * group + warp) * L::kCodeBlockBytes + 8 * g;
   auto fetch = [&](const char* stage, int step, Words& words) {
 #pragma unroll
     for (int load = 0; load < Codes::kLoads; ++load) {
       const uint2 pair = *reinterpret_cast<const uint2*>(
-          stage + L::kCodeOffset + Codes::word_row(step, t, load) * L::kCodeRowBytes +
-          4 * column);
+          stage + code_lane + Codes::word_row(step, t, load ^ (t & 1)) * L::kBlockRowBytes);
       words[load] = make_uint4(pair.x, pair.y, 0, 0);
     }
   };
@@ -231,9 +221,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   // term joins the f32 sums, as one fma: acc + f32(sum) * scale rounds once
   // where the spec rounds the product and the sum (docs/formats.md). The
   // accumulators hold 2^kShift times the sum, so the scale is divided by
-  // 2^kShift (exact). Accumulators 4q + h and 4q + 2 + h are MMA rows g and
-  // g + 8 (columns column, column + 1) at MMA column 8q + 2t + h.
-  auto add_group = [&](const char* stage, int step, int group_index, auto small) {
+  // 2^kShift (exact). f32(sum) is one instruction on sm_90 (I2FP.F32.S32);
+  // up to v16 an integer add of 1.5 * 2^23 and a float add converted it,
+  // one instruction more per accumulator and group (docs/perf.md v17).
+  // Accumulators 4q + h and 4q + 2 + h are MMA rows g and g + 8 (columns
+  // column, column + 1) at MMA column 8q + 2t + h.
+  auto add_group = [&](const char* stage, int step, int group_index) {
     const int at = step / kPerGroup * kColumns + column;
     constexpr float kUnit = 1.f / (1 << kShift);
     float scale[2], offset[2] = {0.f, 0.f};
@@ -255,9 +248,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int c = 0; c < 2; ++c) {
           const int r = i + 2 * c + h;
           const int32_t sum = int32_t(uint32_t(iacc[r]) + code_shift);
-          const float f = small ? small_int_to_float(sum) : float(sum);
-          facc[r] = fmaf(f, scale[c], facc[r]);
-          if (!kSymmetric) facc[r] = fmaf(small_int_to_float(sum_x), offset[c], facc[r]);
+          facc[r] = fmaf(float(sum), scale[c], facc[r]);
+          if (!kSymmetric) facc[r] = fmaf(float(sum_x), offset[c], facc[r]);
         }
       }
     }
@@ -270,7 +262,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         char* stage = smem + (j % kStages) * L::kBytes;
         const int k0 = (first + j) * kStageK;
         tma::load_2d(stage, &maps.x, row0, k0, full);
-        tma::load_2d(stage + L::kCodeOffset, &maps.codes, k0 / L::kPerWord, col0, full);
+#pragma unroll
+        for (int b = 0; b < kColumns / kCodeBlockColumns; ++b) {
+          tma::load_2d(stage + L::kCodeOffset + b * L::kCodeBlockBytes, &maps.codes,
+                       k0 / L::kPerWord, col0 + b * kCodeBlockColumns, full);
+        }
         if (!kOneGroup) {
           const int scale_row = k0 / (group_steps * kStepK);
           tma::load_2d(stage + L::kScaleOffset, &maps.scales, scale_row, col0, full);
@@ -334,11 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int group_index = kGroupSteps == kStagedGroups
                                       ? (first + j) / stages_per_group
                                       : ((first + j) * kSteps + step) / kPerGroup;
-          if (small_sums) {
-            add_group(stage, step, group_index, std::true_type{});
-          } else {
-            add_group(stage, step, group_index, std::false_type{});
-          }
+          add_group(stage, step, group_index);
         } else {
           wgmma::wait<1>();  // the wgmma of the step before is done, and its A set free
           advance();
@@ -436,7 +428,7 @@ bool make_maps(const ActQuantArgs& args, int rows, StageMaps& maps) {
   const uint32_t scale_rows = std::max(1, kSteps / args.group_steps);
   return tma::map_2d(&maps.x, args.xq, 1, args.m, args.k, rows, kStageK, true) &&
          tma::map_2d(&maps.codes, args.codes, 4, args.k / per_word, args.n, kStageK / per_word,
-                     kColumns, false) &&
+                     kCodeBlockColumns, false) &&
          tma::map_2d(&maps.scales, args.scales, scale_size, args.groups, args.n, scale_rows,
                      kColumns, false) &&
          tma::map_2d(&maps.offsets, args.offsets, scale_size, args.groups, args.n, scale_rows,

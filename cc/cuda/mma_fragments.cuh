@@ -203,8 +203,15 @@ struct SignedCodes<4> {
   // its top bit flipped: the byte is then 16 * (code - 8) as a signed s8, so
   // one and (after a shift) and one xor, a single lop3, convert four codes
   // with no sign extension. The products are 16x; the sums stay exact.
+  // The and and the xor as one lop3 ((a & b) ^ c: lut 0x6A): written as C,
+  // ptxas emits two, as a lop3 takes one immediate and it does not keep the
+  // second constant in a register on its own.
   static __device__ __forceinline__ uint32_t high_nibbles(uint32_t word) {
-    return (word & 0xF0F0F0F0u) ^ 0x80808080u;
+    uint32_t out;
+    asm("lop3.b32 %0, %1, %2, %3, 0x6A;\n"
+        : "=r"(out)
+        : "r"(word), "n"(0xF0F0F0F0u), "r"(0x80808080u));
+    return out;
   }
   static __device__ __forceinline__ uint32_t low_nibbles(uint32_t word) {
     return high_nibbles(word << 4);

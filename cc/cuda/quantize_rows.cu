@@ -8,8 +8,9 @@
 // interleaved: in each block of 32 elements, elements 8t .. 8t + 7 go where
 // the s8 MMA's B fragment of lane t wants them for `bits`-bit codes
 // (SignedCodes<bits>::b_fragment, the order the mma.sync kernel makes in
-// registers). wgmma reads B from shared memory as it lies, so this lets its
-// lanes take their K rows as whole code words (docs/formats.md).
+// registers; for int8 codes the two halves of odd t trade places). wgmma
+// reads B from shared memory as it lies, so this lets its lanes take their
+// K rows as whole code words (docs/formats.md).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -105,10 +106,13 @@ __global__ void __launch_bounds__(kThreads)
       const uint2 lane_rows = make_uint2(packed, quantize4(v, scale, sum));
       uint32_t b[2];
       SignedCodes<kInterleaveBits>::b_fragment(lane_rows, b[0], b[1]);
-      // Lane t = i % 32 / 8 of the block: its k slots 4t .. 4t + 3 and 16 + 4t .. + 3.
+      // Lane t = i % 32 / 8 of the block: its k slots 4t .. 4t + 3 and
+      // 16 + 4t .. + 3, which trade places for odd t with int8 codes
+      // (docs/formats.md).
       int8_t* block = out + (i & ~31) + i % 32 / 2;
-      *reinterpret_cast<uint32_t*>(block) = b[0];
-      *reinterpret_cast<uint32_t*>(block + 16) = b[1];
+      const int swap = kInterleaveBits == 8 ? i / 8 % 2 : 0;
+      *reinterpret_cast<uint32_t*>(block + 16 * swap) = b[0];
+      *reinterpret_cast<uint32_t*>(block + 16 - 16 * swap) = b[1];
     }
     // Group sizes are multiples of kElements: the elements share one group.
     // Integer atomics add in any order to the same sum.
