@@ -90,6 +90,7 @@ constexpr int kMaxSharedBytes = 227 * 1024;  // per CTA on sm_90
 // A stage's code words lie in blocks of 16 columns, one warp's, each block
 // rows of 64 bytes (see `fetch`).
 constexpr int kCodeBlockColumns = 16;
+static_assert(kColumns == 8 * kCodeBlockColumns, "warp w of warpgroup h reads block 4h + w");
 
 // Rows of x per CTA (the wgmma N) and ring slots (all load ahead). With
 // groups a lane holds s32 and f32 accumulators, kRows / 2 each, which leaves
