@@ -325,8 +325,8 @@ def test_gpu_odd_number_of_groups(m, bits, group_size, k, rng):
     (129, 4352, 200),  # 4 tiles, K split over 8 CTAs; a row tile of one row
 ])
 # One group and groups of 1, 2 and 4 steps and of whole stages are compiled
-# apart, for each bits and symmetry; int4 asymmetric 256-row sums exceed the
-# exact small-integer conversion.
+# apart, for each bits and symmetry; int4 asymmetric 256-row groups have the
+# largest group sums.
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
 @pytest.mark.parametrize("symmetric", [True, False])

@@ -209,11 +209,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   // a 4-way conflict.
   using Words = uint4[Codes::kLoads];  // .x, .y: columns column and column + 1
   const int code_lane = L::kCodeOffset + (4 * group + warp) * L::kCodeBlockBytes + 8 * g;
+  const int first_load = Codes::kOddLanesSwapHalves ? t & 1 : 0;
   auto fetch = [&](const char* stage, int step, Words& words) {
 #pragma unroll
     for (int load = 0; load < Codes::kLoads; ++load) {
       const uint2 pair = *reinterpret_cast<const uint2*>(
-          stage + code_lane + Codes::word_row(step, t, load ^ (t & 1)) * L::kBlockRowBytes);
+          stage + code_lane + Codes::word_row(step, t, load ^ first_load) * L::kBlockRowBytes);
       words[load] = make_uint4(pair.x, pair.y, 0, 0);
     }
   };

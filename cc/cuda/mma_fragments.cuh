@@ -174,6 +174,10 @@ struct SignedCodes<8> {
   static __device__ __forceinline__ int64_t word_row(int step, int t, int load) {
     return 8 * int64_t{step} + 2 * t + load;
   }
+  // In the wgmma kernel's shared memory, lanes of odd t load their two word
+  // rows in the other order (no bank conflict), so the pre-pass stores their
+  // activations' two halves swapped (docs/formats.md); int4 lanes load one.
+  static constexpr bool kOddLanesSwapHalves = true;
   // A word's bytes are rows 0, 2, 1, 3 (docs/formats.md); flipping each
   // byte's top bit turns offset-binary code into two's complement code - 128.
   static __device__ __forceinline__ void a_fragment(const uint4 (&w)[kLoads], int p,
@@ -198,6 +202,7 @@ struct SignedCodes<4> {
   static __device__ __forceinline__ int64_t word_row(int step, int t, int) {
     return 4 * int64_t{step} + t;
   }
+  static constexpr bool kOddLanesSwapHalves = false;
   // Nibbles at bits 0, 8, 16, 24 are rows 0, 4, 1, 5 and those at bits 4, 12,
   // 20, 28 rows 2, 6, 3, 7. Each is moved into the top half of its byte and
   // its top bit flipped: the byte is then 16 * (code - 8) as a signed s8, so

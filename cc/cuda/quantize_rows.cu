@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kThreads)
       // 16 + 4t .. + 3, which trade places for odd t with int8 codes
       // (docs/formats.md).
       int8_t* block = out + (i & ~31) + i % 32 / 2;
-      const int swap = kInterleaveBits == 8 ? i / 8 % 2 : 0;
+      const int swap = SignedCodes<kInterleaveBits>::kOddLanesSwapHalves ? i / 8 % 2 : 0;
       *reinterpret_cast<uint32_t*>(block + 16 * swap) = b[0];
       *reinterpret_cast<uint32_t*>(block + 16 - 16 * swap) = b[1];
     }
