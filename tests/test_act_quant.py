@@ -323,6 +323,9 @@ def test_gpu_odd_number_of_groups(m, bits, group_size, k, rng):
 @pytest.mark.parametrize("m, k, n", [
     (1000, 1024, 2048),  # 128 tiles: no K split
     (129, 4352, 200),  # 4 tiles, K split over 8 CTAs; a row tile of one row
+    # One group above 128 rows: 256-row tiles (also at 129), the last one partial.
+    (1100, 1024, 2048),  # 80 tiles, K split over 2 CTAs
+    (1300, 4352, 200),  # 12 tiles, K split over 8 CTAs
 ])
 # One group and groups of 1, 2 and 4 steps and of whole stages are compiled
 # apart, for each bits and symmetry; int4 asymmetric 256-row groups have the

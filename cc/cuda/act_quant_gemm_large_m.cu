@@ -4,8 +4,9 @@
 // read in place. The mma.sync kernel (act_quant_gemm.cu) streams the whole
 // weight once per 32 rows of x; this one tiles M like gemm_large_m.cu.
 //  * As in gemm_large_m.cu the weights are A (y^T = W^T xq^T): a CTA is two
-//    warpgroups, each owning 64 output columns (one m64 block) for kRows =
-//    128 rows of x, the wgmma N; the CTA's tile is 128 columns x 128 rows.
+//    warpgroups, each owning 64 output columns (one m64 block) for kRows
+//    rows of x, the wgmma N; the CTA's tile is 128 columns x kRows rows
+//    (128, or 256 for one group and many rows: see StageLayout).
 //    MMA rows g and g + 8 of warp w are the adjacent columns 16w + 2g and
 //    16w + 2g + 1 of the warpgroup's block: one 8-byte shared load gets both
 //    columns' code words.
@@ -90,18 +91,22 @@ constexpr int kMaxSharedBytes = 227 * 1024;  // per CTA on sm_90
 // A stage's code words lie in blocks of 16 columns, one warp's, each block
 // rows of 64 bytes (see `fetch`).
 constexpr int kCodeBlockColumns = 16;
+// With one group a CTA takes 256 rows of x from this many rows on (see
+// StageLayout); up to 128 rows one 128-row tile holds them all.
+constexpr int kWideRowsMinRows = 129;
 static_assert(kColumns == 8 * kCodeBlockColumns, "warp w of warpgroup h reads block 4h + w");
 
 // Rows of x per CTA (the wgmma N) and ring slots (all load ahead). With
 // groups a lane holds s32 and f32 accumulators, kRows / 2 each, which leaves
-// room for 128 rows. (One group needs no f32 ones, but 256 rows ran slower on
-// the H100 in v9's design: 4.2 against 3.8 ms on the suite at M = 4096, 252
-// against 188 us at 64; docs/perf.md.) A stage is a quarter of
-// gemm_large_m.cu's MMA time (s8 wgmmas run twice as fast, over N = 128), so
-// the ring holds as many stages as fit to hide the loads' latency.
-template <int kBits, bool kOneGroup>
+// room for 128 rows. One group needs no f32 ones, and above 128 rows it
+// takes 256: a wgmma then does twice the work for the same A registers,
+// and the weights are read once per 256 rows of x (W8A8 on the suite 1.3x
+// faster at 256 to 4096 rows, docs/perf.md v18; v9's 256-row tiles, in a
+// loop without the producer warp, were slower). A stage is a quarter of
+// gemm_large_m.cu's MMA time (s8 wgmmas run twice as fast, over N = 128),
+// so the ring holds as many stages as fit to hide the loads' latency.
+template <int kBits, int kRows>
 struct StageLayout {
-  static constexpr int kRows = 128;
   static constexpr int kAccumulators = kRows / 2;  // per lane: 2 MMA rows x kRows / 4
   static constexpr int kPerWord = 32 / kBits;
   static constexpr int kWordRows = kStageK / kPerWord;
@@ -153,15 +158,16 @@ __device__ __forceinline__ void pass_turn(int warpgroup) {
 // instructions of a stage (docs/perf.md v16).
 constexpr int kStagedGroups = 8;
 
-template <int kBits, bool kSymmetric, int kGroupSteps>
+template <int kBits, bool kSymmetric, int kGroupSteps, int kRows>
 __global__ void __launch_bounds__(kThreads, 1)
     act_quant_large_m_kernel(const ActQuantArgs p, int row_tiles,
                              const __grid_constant__ StageMaps maps) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kOneGroup = kGroupSteps == 0;
-  using L = StageLayout<kBits, kOneGroup>;
+  static_assert(kOneGroup || kRows == 128, "groups leave registers for 128 rows");
+  using L = StageLayout<kBits, kRows>;
   using Codes = SignedCodes<kBits>;
-  constexpr int kRows = L::kRows, kAccumulators = L::kAccumulators, kStages = L::kStages;
+  constexpr int kAccumulators = L::kAccumulators, kStages = L::kStages;
   constexpr int kShift = Codes::kProductShift;
   extern __shared__ __align__(1024) char smem[];
 
@@ -437,12 +443,11 @@ bool make_maps(const ActQuantArgs& args, int rows, StageMaps& maps) {
                      kColumns, false);
 }
 
-template <int kBits, bool kSymmetric, int kGroupSteps>
+template <int kBits, bool kSymmetric, int kGroupSteps, int kRows = 128>
 cudaError_t launch(const ActQuantArgs& args, int device, cudaStream_t stream) {
   constexpr bool kOneGroup = kGroupSteps == 0;
-  using L = StageLayout<kBits, kOneGroup>;
-  constexpr int kRows = L::kRows;
-  constexpr auto kernel = act_quant_large_m_kernel<kBits, kSymmetric, kGroupSteps>;
+  using L = StageLayout<kBits, kRows>;
+  constexpr auto kernel = act_quant_large_m_kernel<kBits, kSymmetric, kGroupSteps, kRows>;
   StageMaps maps;
   if (!make_maps(args, kRows, maps)) return cudaErrorInvalidValue;
   cudaError_t err = allow_shared_memory<kernel>(device, L::kSharedBytes);
@@ -459,17 +464,21 @@ cudaError_t launch(const ActQuantArgs& args, int device, cudaStream_t stream) {
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-template <int kBits, int kGroupSteps>
+template <int kBits, int kGroupSteps, int kRows = 128>
 cudaError_t launch_symmetry(const ActQuantArgs& args, bool symmetric, int device,
                             cudaStream_t stream) {
-  return symmetric ? launch<kBits, true, kGroupSteps>(args, device, stream)
-                   : launch<kBits, false, kGroupSteps>(args, device, stream);
+  return symmetric ? launch<kBits, true, kGroupSteps, kRows>(args, device, stream)
+                   : launch<kBits, false, kGroupSteps, kRows>(args, device, stream);
 }
 
 template <int kBits>
 cudaError_t launch_bits(const ActQuantArgs& args, bool symmetric, int device,
                         cudaStream_t stream) {
-  if (args.groups == 1) return launch_symmetry<kBits, 0>(args, symmetric, device, stream);
+  if (args.groups == 1) {
+    return args.m >= kWideRowsMinRows
+               ? launch_symmetry<kBits, 0, 256>(args, symmetric, device, stream)
+               : launch_symmetry<kBits, 0>(args, symmetric, device, stream);
+  }
   switch (args.group_steps) {  // a power of two
     case 1: return launch_symmetry<kBits, 1>(args, symmetric, device, stream);
     case 2: return launch_symmetry<kBits, 2>(args, symmetric, device, stream);
