@@ -321,10 +321,11 @@ def test_gpu_odd_number_of_groups(m, bits, group_size, k, rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m, k, n", [
-    (1000, 1024, 2048),  # 128 tiles: no K split
-    (129, 4352, 200),  # 4 tiles, K split over 8 CTAs; a row tile of one row
-    # One group above 128 rows: 256-row tiles (also at 129), the last one partial.
-    (1100, 1024, 2048),  # 80 tiles, K split over 2 CTAs
+    # Groups take 128-row tiles; one group takes 256 rows above 128 rows.
+    (1000, 1024, 2048),  # groups: 128 tiles, no K split; one group: 64 tiles, split
+    (129, 4352, 200),  # groups: a row tile of one row; K split over 8 CTAs
+    # One group: the last 256-row tile partial.
+    (1100, 512, 4096),  # 160 tiles, no K split (4 stages)
     (1300, 4352, 200),  # 12 tiles, K split over 8 CTAs
 ])
 # One group and groups of 1, 2 and 4 steps and of whole stages are compiled
