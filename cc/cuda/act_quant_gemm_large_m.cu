@@ -100,9 +100,9 @@ static_assert(kColumns == 8 * kCodeBlockColumns, "warp w of warpgroup h reads bl
 // groups a lane holds s32 and f32 accumulators, kRows / 2 each, which leaves
 // room for 128 rows. One group needs no f32 ones, and above 128 rows it
 // takes 256: a wgmma then does twice the work for the same A registers,
-// and the weights are read once per 256 rows of x (W8A8 on the suite 1.3x
-// faster at 256 to 4096 rows, docs/perf.md v18; v9's 256-row tiles, in a
-// loop without the producer warp, were slower). A stage is a quarter of
+// and the weights are read once per 256 rows of x (W8A8 on the suite 1.2x
+// to 1.3x faster at 256 to 4096 rows, docs/perf.md v18; v9's 256-row
+// tiles, in a loop without the producer warp, were slower). A stage is a quarter of
 // gemm_large_m.cu's MMA time (s8 wgmmas run twice as fast, over N = 128),
 // so the ring holds as many stages as fit to hide the loads' latency.
 template <int kBits, int kRows>
