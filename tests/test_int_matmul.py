@@ -238,6 +238,16 @@ def test_gpu_kernel_writes_every_element_exactly(m, k, n, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m, k, n", [
+    (16, 2048, 16448),  # 257 strips: an odd count, CTA pairs that begin inside a strip
+    (3, 14336, 4096),  # 64 strips of 448 steps over more CTAs than strips
+    (9, 4096, 28672)])  # 448 strips, more than the CTAs that run at once
+def test_gpu_kernel_balanced_work_writes_every_element_exactly(m, k, n, rng):
+    a, b, ja, jb = _operands(rng, (m, k), n, jnp.int8)
+    np.testing.assert_array_equal(_poisoned_int_matmul(ja, jb), a @ b)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("lead", [(2, 3), (4, 1, 16)])
 def test_gpu_kernel_leading_dims(lead, rng):
     a, b, ja, jb = _operands(rng, lead + (1024,), 144, jnp.int8)

@@ -8,8 +8,9 @@
 // rows are columns of b, MMA columns are rows of a) and its bytes are
 // transposed in registers; a is the B operand, which with the K-slot order
 // below needs no shuffling at all.
-//  * A CTA owns 64 output columns and all M rows; its 8 warps split its K
-//    range in batches of kUnroll 32-row steps, round robin. Lane (g, t) loads
+//  * A CTA works on 64 output columns (a strip) and all M rows at a time;
+//    its 8 warps split the steps of the strip it takes into equal
+//    consecutive shares, kUnroll 32-row steps at a time. Lane (g, t) loads
 //    columns 8g .. 8g+7 (one 8-byte load) of K rows 8t .. 8t+7 of a step:
 //    a warp's load instruction reads 4 rows x 64 contiguous bytes (full 32-byte
 //    sectors), the whole step is 32 rows x 64 bytes.
@@ -22,10 +23,10 @@
 //    K rows 8t+4h .. +3. MMA j (0..3) takes columns 2j and 2j+1 of the lane's
 //    eight as MMA rows g and g+8: 4 MMAs per M tile and step cover the 64
 //    columns. 2 prmt per A register, against 4 mma per 8 loads: cheap.
-//  * K is split further across the CTAs of a cluster on sm_90 (a 4096-column
-//    layer has only 64 column strips for 132 SMs); the CTAs' sums meet in
-//    distributed shared memory (cluster_split.cuh). Integer sums are
-//    associative, so every order of addition gives the same bits.
+//  * The (strip, step) work is spread evenly over the CTAs that run at once
+//    (int_gemm_small_m_kernel below); CTAs that share a strip add their sums
+//    in y with int32 atomics. Integer sums are associative, so every order
+//    of addition gives the same bits.
 //  * The int32 epilogue only: a_scale / b_scale / out_dtype are elementwise
 //    XLA ops after the call (IntEpilogue.apply), as on CPU. At M <= 16 the
 //    int32 result is at most 64 / K of b's bytes.
@@ -36,6 +37,7 @@
 // K % 32 != 0 is handled: rows past K are not loaded and count as zero.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda/cluster_split.cuh"
@@ -90,41 +92,36 @@ __device__ __forceinline__ uint2 load_half_line(const uint2* p) {
   return v;
 }
 
+// The steps [begin, end) of one column strip (first column `strip`), added
+// into the CTA's zeroed `sums`. The warps take equal consecutive shares of
+// the steps, kUnroll at a time.
 template <int kMTiles>
-__global__ void __launch_bounds__(kThreads, IntConfig<kMTiles>::kCtasPerSm)
-    int_gemm_small_m_kernel(const IntGemmArgs p) {
+__device__ __forceinline__ void add_strip_steps(const IntGemmArgs& p, int strip, int begin,
+                                                int end, int32_t* sums) {
   constexpr int kUnroll = IntConfig<kMTiles>::kUnroll;
-  constexpr int kRows = 8 * kMTiles;
-  __shared__ int32_t sums[kRows * kSumStride];
-
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int g = lane / 4;
   const int t = lane % 4;
-  const int strip = blockIdx.x * kColumns;
   const int col0 = strip + 8 * g;
   const bool col_ok = col0 < p.n;  // N % 8 == 0: a lane's 8 columns are all in or all out
-  const int steps = (p.k + kStepRows - 1) / kStepRows;
-  const int splits = gridDim.y;
-  const int begin = int(int64_t{steps} * blockIdx.y / splits);
-  const int end = int(int64_t{steps} * (blockIdx.y + 1) / splits);
-
-  for (int i = threadIdx.x; i < kRows * kSumStride; i += kThreads) sums[i] = 0;
+  const int warp_begin = begin + (end - begin) * warp / kWarps;
+  const int warp_end = begin + (end - begin) * (warp + 1) / kWarps;
 
   int32_t acc[kMTiles][4][4] = {};
-  for (int base = begin + warp * kUnroll; base < end; base += kWarps * kUnroll) {
+  for (int base = warp_begin; base < warp_end; base += kUnroll) {
     // All loads of the batch first, so kUnroll steps' DRAM round trips overlap.
     uint2 rows[kUnroll][8];
     uint2 xv[kUnroll][kMTiles];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int step = base + u;
-      // Past the CTA's range the next CTA's rows would be counted twice; past
-      // K there are none.
+      // Past the warp's range another warp or CTA counts the rows; past K
+      // there are none.
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int row = step * kStepRows + 8 * t + i;
-        const bool ok = step < end && row < p.k && col_ok;
+        const bool ok = step < warp_end && row < p.k && col_ok;
         rows[u][i] = ok ? load_half_line(reinterpret_cast<const uint2*>(
                               p.b + int64_t{row} * p.n + col0))
                         : make_uint2(0, 0);
@@ -133,14 +130,14 @@ __global__ void __launch_bounds__(kThreads, IntConfig<kMTiles>::kCtasPerSm)
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
         const int m = 8 * mt + g;
-        const bool ok = step < end && kk < p.k && m < p.m;
+        const bool ok = step < warp_end && kk < p.k && m < p.m;
         xv[u][mt] = ok ? __ldg(reinterpret_cast<const uint2*>(p.a + int64_t{m} * p.k + kk))
                        : make_uint2(0, 0);
       }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (base + u >= end) break;  // warp-uniform
+      if (base + u >= warp_end) break;  // warp-uniform
       // words[h][q][i]: column 4q + i of the lane's 8, K rows 8t + 4h .. 8t + 4h + 3.
       uint32_t words[2][2][4];
 #pragma unroll
@@ -180,25 +177,67 @@ __global__ void __launch_bounds__(kThreads, IntConfig<kMTiles>::kCtasPerSm)
     }
   }
   __syncthreads();
+}
 
-  // Row-major y: consecutive threads write consecutive columns of a row.
-  const int elements = min(kRows, p.m) * kColumns;
-  if (splits == 1) {
-    for (int i = threadIdx.x; i < elements; i += kThreads) {
+// Work is balanced over exactly the CTAs that run at once (stream-K): a
+// grid of one strip per CTA left the 28672-column layer 448 CTAs for 264
+// places, a second wave 70% full. The units of work are (strip pair, step);
+// CTA pair c takes units [units * c / P, units * (c + 1) / P), its even CTA
+// the pair's first strip and its odd CTA the second. Pairs, because a CTA
+// reads half of each 128-byte line of b and the neighbouring strip's CTA
+// the other half: launched together and walking K at the same pace, the
+// two find each line in L2. A strip whose steps two CTAs share is summed by
+// int32 atomics in y, zeroed before the launch (int_gemm_small_m_impl).
+template <int kMTiles>
+__global__ void __launch_bounds__(kThreads, IntConfig<kMTiles>::kCtasPerSm)
+    int_gemm_small_m_kernel(const IntGemmArgs p) {
+  constexpr int kRows = 8 * kMTiles;
+  __shared__ int32_t sums[kRows * kSumStride];
+
+  const int steps = (p.k + kStepRows - 1) / kStepRows;
+  const int64_t units = int64_t{(p.n + 2 * kColumns - 1) / (2 * kColumns)} * steps;
+  const int cta_pairs = int(gridDim.x / 2);
+  const int pair_index = int(blockIdx.x / 2);
+  int64_t unit = units * pair_index / cta_pairs;
+  const int64_t last = units * (pair_index + 1) / cta_pairs;
+  const int rows = min(kRows, p.m);
+
+  for (int i = threadIdx.x; i < kRows * kSumStride; i += kThreads) sums[i] = 0;
+  while (unit < last) {
+    const int begin = int(unit % steps);
+    const int64_t left = last - unit;
+    const int end = left < steps - begin ? begin + int(left) : steps;
+    const int strip = int((unit / steps) * 2 + blockIdx.x % 2) * kColumns;
+    unit += end - begin;
+    if (strip >= p.n) continue;  // CTA-uniform: the last pair of an odd strip count
+    add_strip_steps<kMTiles>(p, strip, begin, end, sums);
+
+    // Row-major y: consecutive threads write consecutive columns of a row.
+    const bool whole = begin == 0 && end == steps;
+    for (int i = threadIdx.x; i < rows * kColumns; i += kThreads) {
       const int row = i / kColumns, col = i % kColumns;
-      if (strip + col < p.n) p.y[int64_t{row} * p.n + strip + col] = sums[sum_index(row, col)];
+      if (strip + col >= p.n) continue;
+      const int32_t sum = sums[sum_index(row, col)];
+      int32_t* out = p.y + int64_t{row} * p.n + strip + col;
+      // Unsigned, so the sum wraps modulo 2^32 without undefined behaviour.
+      if (whole) {
+        *out = sum;
+      } else {
+        atomicAdd(reinterpret_cast<uint32_t*>(out), static_cast<uint32_t>(sum));
+      }
     }
-    return;
+    __syncthreads();  // every thread has read the sums
+    for (int i = threadIdx.x; i < kRows * kSumStride; i += kThreads) sums[i] = 0;
   }
-  // Each CTA of the cluster finishes an equal share of the strip, reading the
-  // other CTAs' sums through distributed shared memory; unsigned, so the sum
-  // wraps modulo 2^32 without undefined behaviour.
-  add_across_cluster<uint32_t>(
-      sums, elements,
-      [&](int i) { return strip + i % kColumns < p.n ? sum_index(i / kColumns, i % kColumns) : -1; },
-      [&](int i, uint32_t sum) {
-        p.y[int64_t{i / kColumns} * p.n + strip + i % kColumns] = static_cast<int32_t>(sum);
-      });
+}
+
+// Whether any CTA pair's range of units begins inside a strip pair, so that
+// two CTAs add into one strip of y.
+inline bool strips_shared(int64_t units, int steps, int cta_pairs) {
+  for (int c = 1; c < cta_pairs; ++c) {
+    if (units * c / cta_pairs % steps != 0) return true;
+  }
+  return false;
 }
 
 template <int kMTiles>
@@ -207,14 +246,19 @@ cudaError_t launch(const IntGemmArgs& p, cudaStream_t stream) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  const int column_ctas = (p.n + kColumns - 1) / kColumns;
   const int steps = (p.k + kStepRows - 1) / kStepRows;
-  // Each warp of a split gets at least one batch of steps.
-  const int max_splits = steps / (kWarps * IntConfig<kMTiles>::kUnroll);
-  const int splits = choose_splits<kKernel>(device, column_ctas, max_splits, kThreads, 0);
-  const ClusterLaunch config(dim3(column_ctas, splits), kThreads, 0, stream);
-  err = cudaLaunchKernelEx(&config.config, kKernel, p);
-  return err != cudaSuccess ? err : cudaGetLastError();
+  const int64_t units = int64_t{(p.n + 2 * kColumns - 1) / (2 * kColumns)} * steps;
+  // As many CTA pairs as run at once, each with at least a full batch of
+  // steps for every warp.
+  const int concurrent = concurrent_ctas<kKernel>(device, 1, kThreads, 0);
+  const int64_t useful = units / (kWarps * IntConfig<kMTiles>::kUnroll);
+  const int cta_pairs = int(std::max<int64_t>(1, std::min<int64_t>(concurrent / 2, useful)));
+  if (strips_shared(units, steps, cta_pairs)) {
+    err = cudaMemsetAsync(p.y, 0, sizeof(int32_t) * p.m * p.n, stream);
+    if (err != cudaSuccess) return err;
+  }
+  kKernel<<<2 * cta_pairs, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 ffi::Error int_gemm_small_m_impl(cudaStream_t stream, ffi::Buffer<ffi::S8> a,
