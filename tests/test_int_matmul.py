@@ -239,9 +239,11 @@ def test_gpu_kernel_writes_every_element_exactly(m, k, n, rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m, k, n", [
-    (16, 2048, 16448),  # 257 strips: an odd count, CTA pairs that begin inside a strip
-    (3, 14336, 4096),  # 64 strips of 448 steps over more CTAs than strips
-    (9, 4096, 28672)])  # 448 strips, more than the CTAs that run at once
+    # The (strip pair, step) work spread over the H100's 132 CTA pairs:
+    (16, 8192, 4160),  # 65 strips: the last pair's second strip is empty
+    (3, 14336, 4096),  # 32 strip pairs of 448 steps, each shared by about 4 CTA pairs
+    (9, 4096, 28672),  # 224 strip pairs, CTA pairs beginning inside them
+    (5, 4096, 6144)])  # 48 strip pairs
 def test_gpu_kernel_balanced_work_writes_every_element_exactly(m, k, n, rng):
     a, b, ja, jb = _operands(rng, (m, k), n, jnp.int8)
     np.testing.assert_array_equal(_poisoned_int_matmul(ja, jb), a @ b)

@@ -2,8 +2,8 @@
 // the launch with the cluster attribute, how many CTAs run at once for a
 // split, and which split finishes soonest; on the device the sum of the CTAs'
 // partial results through distributed shared memory, so a split needs no
-// workspace and no second kernel (gemm_mid_m.cu, gemm_large_m.cu,
-// int_gemm_small_m.cu).
+// workspace and no second kernel (gemm_mid_m.cu, gemm_large_m.cu;
+// int_gemm_small_m.cu takes only the count of CTAs that run at once).
 #ifndef JAX_LOWBIT_CUDA_CLUSTER_SPLIT_CUH_
 #define JAX_LOWBIT_CUDA_CLUSTER_SPLIT_CUH_
 

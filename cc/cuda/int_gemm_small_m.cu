@@ -180,14 +180,17 @@ __device__ __forceinline__ void add_strip_steps(const IntGemmArgs& p, int strip,
 }
 
 // Work is balanced over exactly the CTAs that run at once (stream-K): a
-// grid of one strip per CTA left the 28672-column layer 448 CTAs for 264
-// places, a second wave 70% full. The units of work are (strip pair, step);
-// CTA pair c takes units [units * c / P, units * (c + 1) / P), its even CTA
-// the pair's first strip and its odd CTA the second. Pairs, because a CTA
-// reads half of each 128-byte line of b and the neighbouring strip's CTA
-// the other half: launched together and walking K at the same pace, the
-// two find each line in L2. A strip whose steps two CTAs share is summed by
-// int32 atomics in y, zeroed before the launch (int_gemm_small_m_impl).
+// grid of equal K splits ran the 14336-row layer as 7 splits of 64 strips,
+// 448 CTAs for 264 places (docs/perf.md v19). The units of work are (strip
+// pair, step); CTA pair c takes units [units * c / P, units * (c + 1) / P),
+// its even CTA the pair's first strip and its odd CTA the second. Pairs,
+// because a CTA reads half of each 128-byte line of b and the neighbouring
+// strip's CTA the other half: walking K side by side, the two find each line
+// in L2 (strips taken one by one made the 28672-column layer 1.6x slower).
+// A strip whose steps several CTAs share is summed by int32 atomics in y,
+// zeroed before the launch (`launch`): the memset costs about 1.1 µs a
+// layer, and summing through distributed shared memory instead needs whole
+// strips per cluster, which left more SMs idle (v19).
 template <int kMTiles>
 __global__ void __launch_bounds__(kThreads, IntConfig<kMTiles>::kCtasPerSm)
     int_gemm_small_m_kernel(const IntGemmArgs p) {
