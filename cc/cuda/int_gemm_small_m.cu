@@ -35,6 +35,7 @@
 // on the H100: x read per 64-column strip, docs/perf.md); the lowering routes
 // other shapes to XLA's integer dot.
 // K % 32 != 0 is handled: rows past K are not loaded and count as zero.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -179,30 +180,6 @@ __device__ __forceinline__ void add_strip_steps(const IntGemmArgs& p, int strip,
   __syncthreads();
 }
 
-// Zeroes y for the product kernel's atomics. It lets that kernel start at
-// once (programmatic dependent launch, sm_90): the kernel waits for the
-// zeros only before it first writes y (wait_for_zeroed_y), so its loads
-// overlap this launch; a memset in its place cost about 1.1 µs a layer
-// (docs/perf.md v19). Everything before this kernel in the stream has
-// completed when it starts, so the product kernel's inputs are ready.
-__global__ void zero_y_kernel(int32_t* y, int64_t count) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    y[i] = 0;
-  }
-}
-
-// Returns once zero_y_kernel has finished and its zeros are visible; at
-// once without a programmatic launch (and below sm_90, where there is none).
-__device__ __forceinline__ void wait_for_zeroed_y() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // Work is balanced over exactly the CTAs that run at once (stream-K): a
 // grid of equal K splits ran the 14336-row layer as 7 splits of 64 strips,
 // 448 CTAs for 264 places (docs/perf.md v19). The units of work are (strip
@@ -211,12 +188,17 @@ __device__ __forceinline__ void wait_for_zeroed_y() {
 // because a CTA reads half of each 128-byte line of b and the neighbouring
 // strip's CTA the other half: walking K side by side, the two find each line
 // in L2 (strips taken one by one made the 28672-column layer 1.6x slower).
-// A strip whose steps several CTAs share is summed by int32 atomics in y,
-// zeroed by zero_y_kernel (summing through distributed shared memory
-// instead needs whole strips per cluster, which left more SMs idle, v19).
+// A strip whose steps several CTAs share is summed by int32 atomics in y.
+// The CTAs zero y themselves first, and arrive at a grid barrier that
+// they wait on only before they first write y (a cooperative launch keeps
+// the whole grid resident): by then every CTA has long arrived. A memset
+// before the launch cost about 1.1 µs a layer, a zeroing kernel with a
+// programmatic dependent launch 0.9 (v19); summing through distributed
+// shared memory instead needs whole strips per cluster, which left more
+// SMs idle.
 template <int kMTiles>
 __global__ void __launch_bounds__(kThreads, IntConfig<kMTiles>::kCtasPerSm)
-    int_gemm_small_m_kernel(const IntGemmArgs p) {
+    int_gemm_small_m_kernel(const IntGemmArgs p, const bool shared_strips) {
   constexpr int kRows = 8 * kMTiles;
   __shared__ int32_t sums[kRows * kSumStride];
 
@@ -227,6 +209,19 @@ __global__ void __launch_bounds__(kThreads, IntConfig<kMTiles>::kCtasPerSm)
   int64_t unit = units * pair_index / cta_pairs;
   const int64_t last = units * (pair_index + 1) / cta_pairs;
   const int rows = min(kRows, p.m);
+
+  // Valid only in a cooperative launch: used only with shared strips.
+  const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  unsigned int zeroed = 0;  // the grid barrier's arrival token
+  bool zeros_seen = !shared_strips;
+  if (shared_strips) {
+    const int64_t count = int64_t{p.m} * p.n;
+    for (int64_t i = int64_t{blockIdx.x} * kThreads + threadIdx.x; i < count;
+         i += int64_t{gridDim.x} * kThreads) {
+      p.y[i] = 0;
+    }
+    zeroed = grid.barrier_arrive();
+  }
 
   for (int i = threadIdx.x; i < kRows * kSumStride; i += kThreads) sums[i] = 0;
   while (unit < last) {
@@ -240,7 +235,10 @@ __global__ void __launch_bounds__(kThreads, IntConfig<kMTiles>::kCtasPerSm)
 
     // Row-major y: consecutive threads write consecutive columns of a row.
     const bool whole = begin == 0 && end == steps;
-    wait_for_zeroed_y();  // whole strips too: the zeros must not land after them
+    if (!zeros_seen) {  // CTA-uniform; whole strips too, so no zero lands on a sum
+      grid.barrier_wait(unsigned{zeroed});
+      zeros_seen = true;
+    }
     for (int i = threadIdx.x; i < rows * kColumns; i += kThreads) {
       const int row = i / kColumns, col = i % kColumns;
       if (strip + col >= p.n) continue;
@@ -280,28 +278,17 @@ cudaError_t launch(const IntGemmArgs& p, cudaStream_t stream) {
   const int concurrent = concurrent_ctas<kKernel>(device, 1, kThreads, 0);
   const int64_t useful = units / (kWarps * IntConfig<kMTiles>::kUnroll);
   const int cta_pairs = int(std::max<int64_t>(1, std::min<int64_t>(concurrent / 2, useful)));
+  const bool shared_strips = strips_shared(units, steps, cta_pairs);
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(2 * cta_pairs);
   config.blockDim = dim3(kThreads);
   config.stream = stream;
-  cudaLaunchAttribute early_start = {};
-  if (strips_shared(units, steps, cta_pairs)) {
-    const int64_t count = int64_t{p.m} * p.n;
-    constexpr int kZeroThreads = 256, kZeroesPerThread = 16;
-    constexpr int kZeroesPerCta = kZeroThreads * kZeroesPerThread;
-    const int blocks = int(std::clamp<int64_t>((count + kZeroesPerCta - 1) / kZeroesPerCta, 1,
-                                               std::max(1, concurrent)));
-    zero_y_kernel<<<blocks, kZeroThreads, 0, stream>>>(p.y, count);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    int major = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    early_start.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    early_start.val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = &early_start;
-    config.numAttrs = major >= 9 ? 1 : 0;
-  }
-  err = cudaLaunchKernelEx(&config, kKernel, p);
+  cudaLaunchAttribute cooperative = {};
+  cooperative.id = cudaLaunchAttributeCooperative;
+  cooperative.val.cooperative = 1;
+  config.attrs = &cooperative;
+  config.numAttrs = shared_strips ? 1 : 0;
+  err = cudaLaunchKernelEx(&config, kKernel, p, shared_strips);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
