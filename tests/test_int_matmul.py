@@ -261,7 +261,7 @@ def test_gpu_kernel_leading_dims(lead, rng):
 @pytest.mark.parametrize("sign", [1, -1])
 def test_gpu_kernel_extreme_sums(m, sign):
     # Every product is the largest of its sign, 16384 * 2^14 = 2^28, in every
-    # element, across the cluster's K split.
+    # element; at 1 and 16 rows K is shared by many CTAs, which add in y.
     a = np.full((m, 16384), -128, np.int64)
     b = np.full((16384, 64), -128 if sign > 0 else 127, np.int64)
     got = _poisoned_int_matmul(jnp.asarray(a, jnp.int8), jnp.asarray(b, jnp.int8))
