@@ -180,6 +180,17 @@ __device__ __forceinline__ void add_strip_steps(const IntGemmArgs& p, int strip,
   __syncthreads();
 }
 
+// A product's units of work for int_gemm_small_m_kernel: its 32-row steps
+// of K, and (strip pair, step) units.
+struct StripPairWork {
+  int steps;
+  int64_t units;
+};
+__host__ __device__ inline StripPairWork strip_pair_work(const IntGemmArgs& p) {
+  const int steps = (p.k + kStepRows - 1) / kStepRows;
+  return {steps, int64_t{(p.n + 2 * kColumns - 1) / (2 * kColumns)} * steps};
+}
+
 // Work is balanced over exactly the CTAs that run at once (stream-K): a
 // grid of equal K splits ran the 14336-row layer as 7 splits of 64 strips,
 // 448 CTAs for 264 places (docs/perf.md v19). The units of work are (strip
@@ -202,8 +213,7 @@ __global__ void __launch_bounds__(kThreads, IntConfig<kMTiles>::kCtasPerSm)
   constexpr int kRows = 8 * kMTiles;
   __shared__ int32_t sums[kRows * kSumStride];
 
-  const int steps = (p.k + kStepRows - 1) / kStepRows;
-  const int64_t units = int64_t{(p.n + 2 * kColumns - 1) / (2 * kColumns)} * steps;
+  const auto [steps, units] = strip_pair_work(p);
   const int cta_pairs = int(gridDim.x / 2);
   const int pair_index = int(blockIdx.x / 2);
   int64_t unit = units * pair_index / cta_pairs;
@@ -271,8 +281,7 @@ cudaError_t launch(const IntGemmArgs& p, cudaStream_t stream) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  const int steps = (p.k + kStepRows - 1) / kStepRows;
-  const int64_t units = int64_t{(p.n + 2 * kColumns - 1) / (2 * kColumns)} * steps;
+  const auto [steps, units] = strip_pair_work(p);
   // As many CTA pairs as run at once, each with at least a full batch of
   // steps for every warp.
   const int concurrent = concurrent_ctas<kKernel>(device, 1, kThreads, 0);
