@@ -151,6 +151,13 @@ struct LargeConfig : TileShape {
   static_assert(kBarrierOffset + kStages * 8 <= 227 * 1024, "the ring fits in shared memory");
   static constexpr int kSharedBytes = kBarrierOffset + kStages * 8;
   static_assert(kXBytes % 1024 == 0 && kBytes % 1024 == 0, "stages must stay 1024-byte aligned");
+  // The thread that asks for each stage's tiles once the ring runs (asking
+  // holds up its warp, and so its warpgroup's next wgmmas). Measured, not
+  // explained (docs/perf.md v20): with the first thread of warpgroup 1
+  // instead of thread 0 the suite's 2:4 weights run 3-6% faster at 256 to
+  // 4096 rows (dense ones within 2%), but at 64 rows (the 64-row tile) both
+  // run 1-4% slower.
+  static constexpr int kLoader = kRows > 64 ? 128 : 0;
 };
 
 // The TMA tiles of a stage: x (kRows rows x 64 of K, swizzled), code words
@@ -213,7 +220,7 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
   const uint32_t stage_bytes = L::kXBytes + L::kWordRows * L::kCodeRowBytes +
                                (kSymmetric ? 1 : 2) * scale_rows * L::kScaleRowBytes +
                                L::kMetadataBytes;
-  auto load = [&](int j) {  // thread 0 only
+  auto load = [&](int j) {  // one thread: thread 0 at the start, then L::kLoader
     char* stage = smem + (j % kStages) * L::kBytes;
     uint64_t* barrier = full + j % kStages;
     const int k0 = (first + j) * kStageK;
@@ -233,7 +240,9 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
   // At stage j both warpgroups are past the dequantization and the wgmmas of
   // stage j + kAhead - kStages (see LargeConfig::kStages): its slot is
   // refilled then.
-  auto begin_stage = [&](int j) { tma::begin_ring_stage(full, kStages, kAhead, j, stages, load); };
+  auto begin_stage = [&](int j) {
+    tma::begin_ring_stage(full, kStages, kAhead, j, stages, L::kLoader, load);
+  };
   // The A fragments of rows kStepK step .. + kStepK - 1 of a stage.
   auto dequantize = [&](const char* stage, int step, uint32_t(&frag)[kBlocks][4]) {
     // Those rows are in scale row (kStepK step) >> shift of the stage.

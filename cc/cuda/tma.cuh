@@ -117,8 +117,9 @@ __device__ __forceinline__ void wait(uint64_t* barrier, uint32_t phase) {
 // A ring of `slots` stages in shared memory, each completed on its barrier
 // (barriers[slot]); stage j lives in slot j % slots and completes phase
 // j / slots of that barrier. `ahead` stages load ahead: a slot is refilled
-// `slots - ahead` stages after it was read. load(j) is called by thread 0
-// only and must ask for stage j's tiles on barriers[j % slots].
+// `slots - ahead` stages after it was read. load(j) is called by one thread
+// (`loader`; thread 0 for the first stages) and must ask for stage j's
+// tiles on barriers[j % slots].
 //
 // Thread 0 initializes the barriers and asks for the first stages; every
 // thread returns once the barriers are initialized.
@@ -135,13 +136,13 @@ __device__ __forceinline__ void start_ring(uint64_t* barriers, int slots, int ah
 
 // Waits for stage j; then, every thread of the CTA being past its reads of
 // stage j + ahead - slots (the caller's warps must have finished their
-// wgmmas on it), refills that stage's slot with stage j + ahead.
+// wgmmas on it), thread `loader` refills that stage's slot with stage j + ahead.
 template <typename Load>
 __device__ __forceinline__ void begin_ring_stage(uint64_t* barriers, int slots, int ahead, int j,
-                                                 int stages, Load&& load) {
+                                                 int stages, int loader, Load&& load) {
   wait(barriers + j % slots, (j / slots) & 1);
   __syncthreads();
-  if (threadIdx.x == 0 && j + ahead < stages) load(j + ahead);
+  if (threadIdx.x == loader && j + ahead < stages) load(j + ahead);
 }
 
 // A ring of `slots` stages in shared memory that one producer thread fills
