@@ -155,7 +155,7 @@ struct LargeConfig : TileShape {
   // holds up its warp, and so its warpgroup's next wgmmas). Measured, not
   // explained (docs/perf.md v20): with the first thread of warpgroup 1
   // instead of thread 0 the suite's 2:4 weights run 3-6% faster at 256 to
-  // 4096 rows (dense ones within 2%), but at 64 rows (the 64-row tile) both
+  // 4096 rows (dense ones within 2.5%), but at 64 rows (the 64-row tile) both
   // run 1-4% slower.
   static constexpr int kLoader = kRows > 64 ? 128 : 0;
 };
