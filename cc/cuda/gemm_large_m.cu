@@ -49,7 +49,9 @@
 //    four metadata rows. ptxas serializes all wgmma.sp of a kernel that
 //    defines a metadata register while wgmmas run (warning C7513), so the
 //    registers of a round of two stages are read when the warpgroup has
-//    drained (wgmma::wait<0>), once per four steps.
+//    drained (wgmma::wait<0>), once per four steps; the round's CTA barrier
+//    and both its stages' refills come at that drain too (one barrier a
+//    round, not one a stage).
 //  * CTAs are ordered with M fastest: the CTAs running at once share a few
 //    column tiles, so each code word comes from DRAM about once and x (a few
 //    MB) is reread from L2.
@@ -91,7 +93,6 @@ namespace ffi = xla::ffi;
 constexpr int kWarpGroups = 2;
 constexpr int kLargeThreads = 128 * kWarpGroups;
 constexpr int kStageK = 64;  // rows of K per stage
-constexpr int kAhead = 3;    // stages that load while one is read
 // A split of K runs at least this many stages, and costs about kFixedStages
 // more (the first loads' round trip, the cluster sum): what choose_splits
 // weighs against filling more SMs.
@@ -141,11 +142,18 @@ struct LargeConfig : TileShape {
   static constexpr int kMetadataOffset = kOffsetOffset + kScaleRows * kScaleRowBytes;
   static constexpr int kMetadataBytes = kSparse ? kWordRows * kMetadataRowBytes : 0;
   static constexpr int kBytes = kMetadataOffset + kMetadataBytes;
-  // Ring slots. A slot is refilled kStages - kAhead stages after its stage
-  // began: then no wgmma still reads it. Up to three wgmma groups run at a
-  // stage boundary: a dense stage's last three steps, but a sparse stage has
-  // two, so the last step of the stage before it may run too.
-  static constexpr int kStages = kSparse ? kAhead + 3 : kAhead + 2;
+  // A round: the stages whose steps use each of the kernel's four A register
+  // sets once (one dense stage of four k16 steps, two sparse ones of two k32
+  // steps). Stages begin a round at a time (tma::begin_ring_stages: one CTA
+  // barrier, then the round's refills kAhead stages ahead).
+  static constexpr int kRound = 4 / kSteps;
+  // Ring slots. A dense stage begins after its stage before issued its last
+  // wgmmas, while up to three groups (that stage's last three steps) run, so
+  // a slot is refilled two stages after its stage began. A sparse round
+  // begins once the warpgroup has drained (for its metadata registers, see
+  // the kernel), so the round refills the slots of the round before.
+  static constexpr int kAhead = kSparse ? 4 : 3;
+  static constexpr int kStages = kSparse ? kAhead + kRound : kAhead + 2;
   // The stages' mbarriers follow the ring.
   static constexpr int kBarrierOffset = kStages * kBytes;
   static_assert(kBarrierOffset + kStages * 8 <= 227 * 1024, "the ring fits in shared memory");
@@ -205,11 +213,11 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
   float acc[kBlocks][kRows / 2];
   // kSets A register sets (and metadata registers, sparse weights only), used
   // by the steps in turn: the set of step s + 1 is filled while the wgmmas of
-  // steps s - 2 .. s run. A round is the stages whose steps use each set once
-  // (one dense stage of four k16 steps, two sparse ones of two k32 steps), so
-  // that set indices are constants.
+  // steps s - 2 .. s run. A round (LargeConfig::kRound) uses each set once,
+  // so that set indices are constants.
   constexpr int kSets = 4;
-  constexpr int kRound = kSets / L::kSteps;
+  constexpr int kRound = L::kRound;
+  static_assert(kRound * L::kSteps == kSets, "a round uses each register set once");
   uint32_t a[kSets][kBlocks][4];
   uint32_t e[kSets][kBlocks];
 
@@ -236,12 +244,12 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
       tma::load_2d(stage + L::kMetadataOffset, &maps.metadata, k0 / L::kWordK, col0, barrier);
     }
   };
-  tma::start_ring(full, kStages, kAhead, stages, load);
-  // At stage j both warpgroups are past the dequantization and the wgmmas of
-  // stage j + kAhead - kStages (see LargeConfig::kStages): its slot is
-  // refilled then.
-  auto begin_stage = [&](int j) {
-    tma::begin_ring_stage(full, kStages, kAhead, j, stages, L::kLoader, load);
+  tma::start_ring(full, kStages, L::kAhead, stages, load);
+  // When a round begins at stage j both warpgroups are past the
+  // dequantization and the wgmmas of stages j + kAhead - kStages .. + kRound
+  // - 1 (see LargeConfig::kStages): their slots are refilled then.
+  auto begin_round = [&](int j) {
+    tma::begin_ring_stages(full, kStages, L::kAhead, j, kRound, stages, L::kLoader, load);
   };
   // The A fragments of rows kStepK step .. + kStepK - 1 of a stage.
   auto dequantize = [&](const char* stage, int step, uint32_t(&frag)[kBlocks][4]) {
@@ -276,33 +284,49 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
   // 2 step + t % 2 of the stage, columns column[b] (bits 0-15) and + 1
   // (16-31), a nibble per quad in quad order. Metadata row q of the stage
   // holds quad q of its four word rows, word row w's in nibble w
-  // (docs/formats.md), so this is column w of a 4 x 4 nibble transpose.
+  // (docs/formats.md), so this is column w of a 4 x 4 nibble transpose. It
+  // runs on bytes (a third of the shift-mask-or form's instructions, where
+  // the warpgroup has drained): word rows 2 step and 2 step + 1 are byte
+  // `step` of each u16; one byte permute gathers that byte of rows 0 and 2
+  // (quads 0 and 2) into bytes 0 and 1 of each u16, one of rows 1 and 3
+  // (quads 1 and 3) likewise; then quads 0 and 2 want the byte's wanted
+  // nibble low, quads 1 and 3 high: two shifts and a lop3.
   auto read_metadata = [&](const char* stage, int step, uint32_t(&metadata)[kBlocks]) {
-    const int shift = 4 * (2 * step + (t & 1));
+    const uint32_t select = step == 0 ? 0x6240u : 0x7351u;  // bytes 0, 4, 2, 6 or 1, 5, 3, 7
+    const int shift = 4 * (t & 1);                          // the byte's low or high nibble
 #pragma unroll
     for (int b = 0; b < kBlocks; ++b) {
-      uint32_t nibbles = 0;
+      uint32_t row[4];
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        const uint32_t row = *reinterpret_cast<const uint32_t*>(
-            stage + L::kMetadataOffset + q * L::kMetadataRowBytes + 2 * column[b]);
-        nibbles |= (row >> shift & 0x000F000Fu) << (4 * q);
+        row[q] = *reinterpret_cast<const uint32_t*>(stage + L::kMetadataOffset +
+                                                    q * L::kMetadataRowBytes + 2 * column[b]);
       }
+      const uint32_t even = __byte_perm(row[0], row[2], select);
+      const uint32_t odd = __byte_perm(row[1], row[3], select);
+      const uint32_t nibbles = (even >> shift & 0x0F0F0F0Fu) | (odd << (4 - shift) & 0xF0F0F0F0u);
       // Columns past N arrive as zeros, an invalid pattern; their outputs
       // are not stored, so any valid one (rows 0 and 1) will do.
       metadata[b] = col0 + column[b] < p.n ? nibbles : 0x44444444u;
     }
   };
 
-  begin_stage(0);
+  // A dense round (stage) begins at the last step of the one before, a sparse
+  // round once the warpgroup has drained at the top of the loop.
+  if (kSparse) {
+    tma::wait_stage(full, kStages, 0);
+  } else {
+    begin_round(0);
+  }
   dequantize(smem, 0, a[0]);
   for (int j0 = 0; j0 < stages; j0 += kRound) {
     if (kSparse) {
       // The round's metadata registers, defined while no wgmma runs: ptxas
       // serializes every wgmma.sp of a kernel that defines a metadata
-      // register with wgmmas in flight (C7513). Stage j0 + 1 is awaited now.
+      // register with wgmmas in flight (C7513). The round begins here, so
+      // that its CTA barrier and the drain are one wait.
       wgmma::wait<0>();
-      if (j0 + 1 < stages) begin_stage(j0 + 1);
+      begin_round(j0);
 #pragma unroll
       for (int r = 0; r < kRound; ++r) {
         if (j0 + r == stages) break;
@@ -336,7 +360,13 @@ __global__ void __launch_bounds__(kLargeThreads, 1)
         if (step + 1 < L::kSteps) {
           dequantize(stage, step + 1, a[next]);
         } else if (j + 1 < stages) {
-          if (r + 1 == kRound) begin_stage(j + 1);  // (a sparse round's second stage: above)
+          if (r + 1 == kRound) {  // the next round's first stage
+            if (kSparse) {
+              tma::wait_stage(full, kStages, j + 1);  // it begins after the drain
+            } else {
+              begin_round(j + 1);
+            }
+          }
           dequantize(smem + ((j + 1) % kStages) * L::kBytes, 0, a[next]);
         }
         wgmma::wait<2>();  // the wgmmas of two steps back are done

@@ -134,15 +134,26 @@ __device__ __forceinline__ void start_ring(uint64_t* barriers, int slots, int ah
   __syncthreads();
 }
 
-// Waits for stage j; then, every thread of the CTA being past its reads of
-// stage j + ahead - slots (the caller's warps must have finished their
-// wgmmas on it), thread `loader` refills that stage's slot with stage j + ahead.
-template <typename Load>
-__device__ __forceinline__ void begin_ring_stage(uint64_t* barriers, int slots, int ahead, int j,
-                                                 int stages, int loader, Load&& load) {
+// Waits for stage j of a ring of `slots`, stage j in slot j % slots.
+__device__ __forceinline__ void wait_stage(uint64_t* barriers, int slots, int j) {
   wait(barriers + j % slots, (j / slots) & 1);
+}
+
+// Begins stages j .. j + count - 1 (those below `stages`; j itself is):
+// waits for them; then, every thread of the CTA being past its reads of
+// stages j + ahead - slots .. + count - 1 (the caller's warps must have
+// finished their wgmmas on them), thread `loader` refills their slots with
+// stages j + ahead .. + count - 1. One CTA barrier for `count` stages.
+template <typename Load>
+__device__ __forceinline__ void begin_ring_stages(uint64_t* barriers, int slots, int ahead, int j,
+                                                  int count, int stages, int loader,
+                                                  Load&& load) {
+  wait_stage(barriers, slots, j);
+  for (int i = 1; i < count && j + i < stages; ++i) wait_stage(barriers, slots, j + i);
   __syncthreads();
-  if (threadIdx.x == loader && j + ahead < stages) load(j + ahead);
+  for (int i = 0; i < count; ++i) {
+    if (threadIdx.x == loader && j + ahead + i < stages) load(j + ahead + i);
+  }
 }
 
 // A ring of `slots` stages in shared memory that one producer thread fills
