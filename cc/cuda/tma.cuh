@@ -116,8 +116,9 @@ __device__ __forceinline__ void wait(uint64_t* barrier, uint32_t phase) {
 
 // A ring of `slots` stages in shared memory, each completed on its barrier
 // (barriers[slot]); stage j lives in slot j % slots and completes phase
-// j / slots of that barrier. `ahead` stages load ahead: a slot is refilled
-// `slots - ahead` stages after it was read. load(j) is called by one thread
+// j / slots of that barrier. `ahead` stages load ahead: stage i's slot is
+// refilled (with stage i + slots) when stage i + slots - ahead begins, with
+// the stages begun together with it. load(j) is called by one thread
 // (`loader`; thread 0 for the first stages) and must ask for stage j's
 // tiles on barriers[j % slots].
 //
@@ -139,8 +140,8 @@ __device__ __forceinline__ void wait_stage(uint64_t* barriers, int slots, int j)
   wait(barriers + j % slots, (j / slots) & 1);
 }
 
-// Begins stages j .. j + count - 1 (those below `stages`; j itself is):
-// waits for them; then, every thread of the CTA being past its reads of
+// Begins stages j .. j + count - 1 (j < stages; of the others, those below
+// `stages`): waits for them; then, every thread of the CTA being past its reads of
 // stages j + ahead - slots .. + count - 1 (the caller's warps must have
 // finished their wgmmas on them), thread `loader` refills their slots with
 // stages j + ahead .. + count - 1. One CTA barrier for `count` stages.
