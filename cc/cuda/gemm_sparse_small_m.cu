@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm<kMTiles>)
                 : make_uint4(0, 0, 0, 0);
       // Out of range, the codes are 0 and the scales 0, so the weights are 0;
       // their metadata must still be valid nibbles (0x4: rows 0, 1).
-      e[u] = ok ? load_streaming(reinterpret_cast<const uint2*>(metadata + widx))
+      e[u] = ok ? load_streaming_half_line(reinterpret_cast<const uint2*>(metadata + widx))
                 : make_uint2(kNoMetadata, kNoMetadata);
       s[u] = ok ? __ldg(reinterpret_cast<const uint2*>(scales + sidx)) : make_uint2(0, 0);
       o[u] = (ok && !kSymmetric) ? __ldg(reinterpret_cast<const uint2*>(offsets + sidx))

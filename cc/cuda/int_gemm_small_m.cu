@@ -79,20 +79,6 @@ __device__ __forceinline__ int sum_index(int row, int col) {
   return row * kSumStride + col + (col >> 5);
 }
 
-
-// A streaming load of b (read once, so it should not evict a from L2). A
-// CTA reads 64 bytes of each row of b, half of a 128-byte line, and the
-// next column strip's CTA the other half: the L2::128B hint has L2 fetch
-// the whole line from DRAM at once (suite at M = 1 and 16 2% faster,
-// docs/perf.md v18; L2::256B gained nothing more).
-__device__ __forceinline__ uint2 load_half_line(const uint2* p) {
-  uint2 v;
-  asm volatile("ld.global.cs.L2::128B.v2.u32 {%0, %1}, [%2];\n"
-               : "=r"(v.x), "=r"(v.y)
-               : "l"(p));
-  return v;
-}
-
 // The steps [begin, end) of one column strip (first column `strip`), added
 // into the CTA's zeroed `sums`. The warps take equal consecutive shares of
 // the steps, kUnroll at a time.
@@ -123,7 +109,7 @@ __device__ __forceinline__ void add_strip_steps(const IntGemmArgs& p, int strip,
       for (int i = 0; i < 8; ++i) {
         const int row = step * kStepRows + 8 * t + i;
         const bool ok = step < warp_end && row < p.k && col_ok;
-        rows[u][i] = ok ? load_half_line(reinterpret_cast<const uint2*>(
+        rows[u][i] = ok ? load_streaming_half_line(reinterpret_cast<const uint2*>(
                               p.b + int64_t{row} * p.n + col0))
                         : make_uint2(0, 0);
       }

@@ -95,7 +95,20 @@ __device__ __forceinline__ void broadcast_columns(uint2 v, uint32_t (&out)[4]) {
 
 // Streaming load: weights are read once, so they should not evict x from L2.
 __device__ __forceinline__ uint4 load_streaming(const uint4* p) { return __ldcs(p); }
-__device__ __forceinline__ uint2 load_streaming(const uint2* p) { return __ldcs(p); }
+
+// A streaming load of 8 bytes where a warp's loads cover half of each
+// 128-byte line they touch and a neighbouring CTA reads the other half: the
+// L2::128B hint has L2 fetch the whole line from DRAM at once. int_matmul's
+// rows of b: the suite at M = 1 and 16 2% faster (docs/perf.md v18; L2::256B
+// gained nothing more); the 2:4 metadata rows of the small-M kernel: the
+// suite at M = 1 and 16 1-3% faster (v22).
+__device__ __forceinline__ uint2 load_streaming_half_line(const uint2* p) {
+  uint2 v;
+  asm volatile("ld.global.cs.L2::128B.v2.u32 {%0, %1}, [%2];\n"
+               : "=r"(v.x), "=r"(v.y)
+               : "l"(p));
+  return v;
+}
 
 template <typename T, int kBits, bool kSymmetric>
 struct Dequantizer {
