@@ -1,6 +1,6 @@
 """SPMD partitioning: the lowering that lets XLA partition a primitive, and the
-rules of the packed-weight primitives, matmul and dequantize (int_matmul's are
-in int_partitioning.py).
+rules of the packed-weight primitives, matmul (act_bits None or 8) and
+dequantize (int_matmul's are in int_partitioning.py).
 
 An FFI custom call is opaque to XLA's partitioner: on sharded operands it
 would all-gather them and run the whole product on every device. Each
@@ -20,6 +20,11 @@ match it (x's K split like the weight's), never the other way round, so no
 weight is ever gathered. A shard must hold whole groups and whole packed words
 (2:4: whole blocks of metadata rows; ``split_misfit``). On meshes with
 Explicit axes the result types carry the same shardings (``result_sharding``).
+
+matmul with act_bits=8 (act_quant_matmul) has the same rules but for K: its
+per-token scale is the absmax of a row of x over all of K, and the handlers
+find it in the x they are given (none takes a scale from outside), so a K
+split would change the result; it is an error (``act_quant_matmul_plan``).
 """
 
 from __future__ import annotations
@@ -223,6 +228,20 @@ def matmul_rule(params: dict, operand_types) -> str:
     return f"{batch}k, {weight} -> {batch}n"
 
 
+def act_quant_matmul_plan(impl, params: dict, mesh, arg_shapes):
+    """matmul's plan for act_quant_matmul, whose weight's K must be whole on every
+    device: a device quantizes its rows of x with their absmax over the K it
+    holds, so on a K slice the per-token scales, and the result, would differ."""
+    k_axes = dim_axes(arg_shapes[1])[0]
+    if k_axes:
+        raise ValueError(
+            "jax_lowbit: matmul with act_bits=8 needs the whole of K on each device to pick "
+            "per-token scales (the absmax of each row of x over all of K), but the weight's "
+            f"K is split over mesh axes {k_axes} (row-parallel); shard the weight "
+            "column-parallel, or use act_bits=None for row-parallel layers")
+    return matmul_plan(impl, params, mesh, arg_shapes)
+
+
 def product_result_sharding(x, weight) -> NamedSharding | None:
     """The sharding in the result type of ``x (..., K) @ weight``, where
     ``weight`` is the codes (K / P, N) or an integer b (K, N): x's batch axes
@@ -300,3 +319,12 @@ def partitioned_lowering(primitive, impl, plan, rule):
         return call(tuple(sorted(params.items())), *operands)
 
     return mlir.lower_fun(lower, multiple_results=False)
+
+
+def register_partitioned_lowerings(primitive, plan, rule, **impls) -> None:
+    """Registers, for each ``platform=impl`` of ``impls``, the lowering of
+    ``primitive`` to ``impl`` partitioned with ``plan`` and ``rule``
+    (``partitioned_lowering``), so sharded operands run where they lie."""
+    for platform, impl in impls.items():
+        mlir.register_lowering(primitive, partitioned_lowering(primitive, impl, plan, rule),
+                               platform=platform)

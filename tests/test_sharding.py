@@ -1,5 +1,5 @@
-"""Sharded matmul, dequantize and int_matmul on 8 emulated CPU devices (conftest.py),
-with dense and 2:4 sparse weights.
+"""Sharded matmul (act_bits None or 8), dequantize and int_matmul on 8 emulated CPU
+devices (conftest.py), with dense and 2:4 sparse weights.
 
 Every pattern must match the float reference like the unsharded op does, and
 the compiled HLO must gather no weight: the custom call sees only the local
@@ -7,6 +7,7 @@ blocks, and the only collective is the psum of a row-parallel product.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +67,13 @@ def _check_close(y, x, qw, dtype, tolerance_factor=1.0):
         error / (scale + 1e-6))
 
 
+def _check_unsharded_result(mesh, y, fn, x, qw):
+    """``y`` is ``fn(x, qw)`` of the unsharded operands bit for bit, on the same CPU."""
+    with jax.default_device(mesh.devices.flat[0]):
+        unsharded = fn(x, qw)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(unsharded, np.float32))
+
+
 # x spec, weight (codes, scales) specs as (K axes, N axes), collectives expected.
 PATTERNS = {
     "batch": (P("data"), (None, None), []),
@@ -82,6 +90,12 @@ FORMATS = [  # bits, group_size, symmetric, x dtype, sparsity
     (4, 64, False, jnp.bfloat16, "2:4"),  # metadata split like the codes
 ]
 
+# act_bits=8 quantizes each row of x with its absmax over all of K: on weights whose
+# K is whole on every device it gives the unsharded result bit for bit; K splits are
+# refused (docs/sharding.md).
+_act_matmul = functools.partial(jax_lowbit.matmul, act_bits=8)
+ACT_QUANT_K_SPLIT = "act_bits=8 needs the whole of K on each device"
+
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("bits,group_size,symmetric,dtype,sparsity", FORMATS)
@@ -97,10 +111,8 @@ def test_matmul_pattern(pattern, bits, group_size, symmetric, dtype, sparsity, m
     y = fn(xs, weight)
     row = k_axes is not None
     _check_close(y, x, qw, dtype, tolerance_factor=2.0 if row else 1.0)
-    if not row:  # columns and rows of the product are computed as unsharded, on the same CPU
-        with jax.default_device(mesh.devices.flat[0]):
-            unsharded = jax_lowbit.matmul(x, qw)
-        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(unsharded, np.float32))
+    if not row:  # columns and rows of the product are computed as unsharded
+        _check_unsharded_result(mesh, y, jax_lowbit.matmul, x, qw)
     text = compiled_text(fn, xs, weight)
     assert collectives(text) == expected
     target = "jax_lowbit_sparse_matmul" if sparsity else "jax_lowbit_matmul"
@@ -119,6 +131,39 @@ def test_gspmd(mode, gspmd, mesh, rng):
     fn = jax.jit(jax_lowbit.matmul)
     _check_close(fn(x, weight), x, qw, jnp.float32)
     assert collectives(compiled_text(fn, x, weight)) == (["all-reduce"] if mode == "row" else [])
+    act_quant = jax.jit(_act_matmul)
+    if mode == "row":
+        with pytest.raises(Exception, match=ACT_QUANT_K_SPLIT):
+            act_quant(x, weight)
+    else:
+        _check_unsharded_result(mesh, act_quant(x, weight), _act_matmul, np.asarray(x), qw)
+        assert collectives(compiled_text(act_quant, x, weight)) == []
+
+
+@pytest.mark.parametrize("pattern", ["batch", "column", "column over 8"])
+def test_act_quant_pattern(pattern, mesh, rng):
+    x_spec, (_, n_axes), expected = PATTERNS[pattern]
+    qw = jax_lowbit.quantize(rng.normal(size=(512, 64)).astype(np.float32), 4, 64,
+                             symmetric=False)
+    x = jnp.asarray(rng.normal(size=(2, 4, 512)), jnp.bfloat16)
+    weight = _place_weight(mesh, qw, P(None, n_axes), P(None, n_axes))
+    xs = _place(mesh, x, x_spec)
+    fn = jax.jit(_act_matmul)
+    _check_unsharded_result(mesh, fn(xs, weight), _act_matmul, x, qw)
+    text = compiled_text(fn, xs, weight)
+    assert collectives(text) == expected
+    (operands,) = custom_call_operands(text, "jax_lowbit_act_quant_matmul")
+    assert operands[1] == (qw.codes.shape[0], 64 // _count(mesh, n_axes))
+
+
+@pytest.mark.parametrize("pattern", ["row", "row and column"])
+def test_act_quant_row_parallel_is_an_error(pattern, mesh, rng):
+    x_spec, (k_axes, n_axes), _ = PATTERNS[pattern]
+    qw = jax_lowbit.quantize(rng.normal(size=(512, 64)).astype(np.float32), 8, 64)
+    weight = _place_weight(mesh, qw, P(k_axes, n_axes), P(k_axes, n_axes))
+    x = _place(mesh, jnp.asarray(rng.normal(size=(8, 512)), jnp.float32), x_spec)
+    with pytest.raises(Exception, match=ACT_QUANT_K_SPLIT):
+        jax.jit(_act_matmul)(x, weight)
 
 
 @pytest.mark.parametrize("mode", ["column", "row"])
