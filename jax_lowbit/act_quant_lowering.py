@@ -13,6 +13,9 @@ CUDA: a pre-pass kernel quantizes x (cc/cuda/quantize_rows.cu), then
  - else (one group (group_size -1) and M > 32, or K not a multiple of 32):
    the codes are widened to an int8 (K, N) matrix and XLA's integer dot
    takes the product, the one-group epilogue follows in XLA.
+
+Both are partitioned with matmul's rules, K whole on every device
+(partitioning.act_quant_matmul_plan).
 """
 
 from __future__ import annotations
@@ -22,9 +25,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.interpreters import mlir
 
-from jax_lowbit import _extension, formats, int_lowering
+from jax_lowbit import _extension, formats, int_lowering, partitioning
 from jax_lowbit.act_quant_primitives import act_quant_matmul_p
 from jax_lowbit.lowering import _attributes, _require_cuda
 from jax_lowbit.primitives import WeightFormat
@@ -145,9 +147,6 @@ def _act_quant_matmul_cuda(x, *weight, fmt: WeightFormat):
     return y.reshape(x.shape[:-1] + (n,))
 
 
-mlir.register_lowering(act_quant_matmul_p,
-                       mlir.lower_fun(_act_quant_matmul_cpu, multiple_results=False),
-                       platform="cpu")
-mlir.register_lowering(act_quant_matmul_p,
-                       mlir.lower_fun(_act_quant_matmul_cuda, multiple_results=False),
-                       platform="cuda")
+partitioning.register_partitioned_lowerings(
+    act_quant_matmul_p, partitioning.act_quant_matmul_plan, partitioning.matmul_rule,
+    cpu=_act_quant_matmul_cpu, cuda=_act_quant_matmul_cuda)

@@ -28,7 +28,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.interpreters import mlir
 
 from jax_lowbit import _extension, int_partitioning, partitioning
 from jax_lowbit.int_primitives import IntEpilogue, int_matmul_p
@@ -106,12 +105,6 @@ def _int_matmul_cuda(a, b, *scales, epilogue: IntEpilogue):
     return epilogue.apply(acc, scales)
 
 
-def _register(fn, platform: str) -> None:
-    # Sharded operands run where they lie (int_partitioning.py).
-    lowering = partitioning.partitioned_lowering(int_matmul_p, fn, int_partitioning.plan,
-                                                 int_partitioning.rule)
-    mlir.register_lowering(int_matmul_p, lowering, platform=platform)
-
-
-_register(_int_matmul_cpu, "cpu")
-_register(_int_matmul_cuda, "cuda")
+partitioning.register_partitioned_lowerings(
+    int_matmul_p, int_partitioning.plan, int_partitioning.rule,
+    cpu=_int_matmul_cpu, cuda=_int_matmul_cuda)

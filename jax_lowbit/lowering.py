@@ -21,7 +21,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.interpreters import mlir
 
 from jax_lowbit import _extension, formats, partitioning
 from jax_lowbit.primitives import WeightFormat, contract, dequantize_p, matmul_p
@@ -155,17 +154,9 @@ def _matmul_cuda(x, *weight, fmt: WeightFormat):
     return y.reshape(x.shape[:-1] + (n,))
 
 
-_PARTITIONING = {dequantize_p: (partitioning.dequantize_plan, partitioning.dequantize_rule),
-                 matmul_p: (partitioning.matmul_plan, partitioning.matmul_rule)}
-
-
-def _register(primitive, fn, platform: str) -> None:
-    # Sharded operands run where they lie (partitioning.py).
-    lowering = partitioning.partitioned_lowering(primitive, fn, *_PARTITIONING[primitive])
-    mlir.register_lowering(primitive, lowering, platform=platform)
-
-
-_register(dequantize_p, _dequantize_cpu, "cpu")
-_register(matmul_p, _matmul_cpu, "cpu")
-_register(dequantize_p, _dequantize_cuda, "cuda")
-_register(matmul_p, _matmul_cuda, "cuda")
+partitioning.register_partitioned_lowerings(
+    dequantize_p, partitioning.dequantize_plan, partitioning.dequantize_rule,
+    cpu=_dequantize_cpu, cuda=_dequantize_cuda)
+partitioning.register_partitioned_lowerings(
+    matmul_p, partitioning.matmul_plan, partitioning.matmul_rule,
+    cpu=_matmul_cpu, cuda=_matmul_cuda)

@@ -1,6 +1,6 @@
 """SPMD partitioning: the lowering that lets XLA partition a primitive, and the
-rules of the packed-weight primitives, matmul and dequantize (int_matmul's are
-in int_partitioning.py).
+rules of the packed-weight primitives, matmul (act_bits None or 8) and
+dequantize (int_matmul's are in int_partitioning.py).
 
 An FFI custom call is opaque to XLA's partitioner: on sharded operands it
 would all-gather them and run the whole product on every device. Each
@@ -8,18 +8,23 @@ platform lowering is therefore wrapped in ``custom_partitioning``, whose
 rules give the partitioner (Shardy, or GSPMD) the per-device computation:
 
 - x sharded on its leading (batch) dims: rows stay local.
-- weight sharded on N (codes, scales, offsets on their last axis): each
-  device computes its columns; the output is N-sharded.
-- weight sharded on K (codes on the packed-word axis, scales and offsets on
-  the group axis): each device multiplies its K slice, then a psum over those
-  mesh axes adds the partial products (in the output dtype, as XLA does for
-  its own sharded dots).
+- weight sharded on N (codes, scales, offsets, 2:4 metadata on their last
+  axis): each device computes its columns; the output is N-sharded.
+- weight sharded on K (codes and 2:4 metadata on the packed-row axis, scales
+  and offsets on the group axis): each device multiplies its K slice, then a
+  psum over those mesh axes adds the partial products (in the output dtype,
+  as XLA does for its own sharded dots).
 
-The codes' sharding decides: x and the scales are resharded to match it (x's
-K split like the weight's), never the other way round, so no weight is ever
-gathered. A shard must hold whole groups and whole packed words
-(``split_misfit``). On meshes with Explicit axes the result types carry the
-same shardings (``result_sharding``).
+The codes' sharding decides: x, the scales and the metadata are resharded to
+match it (x's K split like the weight's), never the other way round, so no
+weight is ever gathered. A shard must hold whole groups and whole packed words
+(2:4: whole blocks of metadata rows; ``split_misfit``). On meshes with
+Explicit axes the result types carry the same shardings (``result_sharding``).
+
+matmul with act_bits=8 (act_quant_matmul) has the same rules but for K: its
+per-token scale is the absmax of a row of x over all of K, and the handlers
+find it in the x they are given (none takes a scale from outside), so a K
+split would change the result; it is an error (``act_quant_matmul_plan``).
 """
 
 from __future__ import annotations
@@ -43,14 +48,25 @@ Axes = tuple  # the mesh axis names that split one array dimension, major first
 
 
 def split_misfit(k: int, n: int, bits: int, group_size: int, k_shards: int,
-                 n_shards: int) -> str | None:
+                 n_shards: int, sparsity: str | None = None) -> str | None:
     """Why a (K, N) packed weight cannot be split into ``k_shards`` x ``n_shards``
-    blocks that each hold whole packed words and whole groups, or None if it can."""
-    words = k // formats.codes_per_word(bits)
-    if words % k_shards:
-        return (f"K={k} packs into {words} words of {formats.codes_per_word(bits)} "
-                f"{bits}-bit codes, which do not split evenly into {k_shards} shards "
-                "(a packed word would straddle two shards)")
+    blocks that each hold whole packed words (2:4 sparse: whole blocks of
+    metadata rows) and whole groups, or None if it can."""
+    if sparsity:
+        # Metadata rows 4s .. 4s+3 hold the quads of code word rows 4s .. 4s+3,
+        # 64 rows of K (docs/formats.md): a shard must hold whole such blocks.
+        blocks = k // formats.SPARSE_K_MULTIPLE
+        if blocks % k_shards:
+            return (f"K={k} has {blocks} blocks of {formats.SPARSE_K_MULTIPLE} rows (4 rows "
+                    f"of {sparsity} sparse codes and the 4 metadata rows that locate them), "
+                    f"which do not split evenly into {k_shards} shards (a block of metadata "
+                    "rows would straddle two shards)")
+    else:
+        words = k // formats.codes_per_word(bits)
+        if words % k_shards:
+            return (f"K={k} packs into {words} words of {formats.codes_per_word(bits)} "
+                    f"{bits}-bit codes, which do not split evenly into {k_shards} shards "
+                    "(a packed word would straddle two shards)")
     groups = k // formats.group_rows(group_size, k)
     if group_size != -1 and groups % k_shards:
         return (f"K={k} has {groups} groups of {group_size} rows, which do not split evenly "
@@ -166,21 +182,29 @@ class PackedSplit:
         k_axes, n_axes = dim_axes(codes)
         k_shards, n_shards = shard_count(mesh, k_axes), shard_count(mesh, n_axes)
         k, n = fmt.shape
-        reason = split_misfit(k, n, fmt.bits, fmt.group_size, k_shards, n_shards)
+        reason = split_misfit(k, n, fmt.bits, fmt.group_size, k_shards, n_shards,
+                              fmt.sparsity)
         if reason:
             raise ValueError(f"jax_lowbit: cannot run on this weight sharding: {reason}")
         local = dataclasses.replace(fmt, shape=(k // k_shards, n // n_shards))
         return cls(k_axes, n_axes, local)
 
     def operand_dims(self, count: int) -> list[list[Axes]]:
-        """Shardings of codes, scales[, offsets]. A single group (group_size -1) is
-        one scale row, which every K shard needs whole."""
+        """Shardings of codes, scales[, offsets][, metadata]. A single group
+        (group_size -1) is one scale row, which every K shard needs whole."""
         group_axes = () if self.local.group_size == -1 else self.k
-        return [[self.k, self.n]] + [[group_axes, self.n]] * (count - 1)
+        return _per_weight_operand(self.local, count, [self.k, self.n], [group_axes, self.n])
 
 
-def _weight_rule(count: int) -> str:
-    return ", ".join(["w n"] + ["g n"] * (count - 1))
+def _per_weight_operand(fmt: WeightFormat, count: int, packed, grouped) -> list:
+    """``packed`` for the codes and the 2:4 metadata (whose rows follow the code
+    words'), ``grouped`` for the scales and offsets: one per weight operand."""
+    metadata = [packed] if fmt.sparsity else []
+    return [packed] + [grouped] * (count - 1 - len(metadata)) + metadata
+
+
+def _weight_rule(fmt: WeightFormat, count: int) -> str:
+    return ", ".join(_per_weight_operand(fmt, count, "w n", "g n"))
 
 
 def matmul_plan(impl, params: dict, mesh, arg_shapes):
@@ -200,7 +224,22 @@ def matmul_rule(params: dict, operand_types) -> str:
     """Shardy rule of matmul. x's K and the weight's rows are separate factors:
     the plan, not propagation, decides how x's K follows the weight."""
     batch = batch_factors(len(operand_types[0].shape))
-    return f"{batch}k, {_weight_rule(len(operand_types) - 1)} -> {batch}n"
+    weight = _weight_rule(params["fmt"], len(operand_types) - 1)
+    return f"{batch}k, {weight} -> {batch}n"
+
+
+def act_quant_matmul_plan(impl, params: dict, mesh, arg_shapes):
+    """matmul's plan for act_quant_matmul, whose weight's K must be whole on every
+    device: a device quantizes its rows of x with their absmax over the K it
+    holds, so on a K slice the per-token scales, and the result, would differ."""
+    k_axes = dim_axes(arg_shapes[1])[0]
+    if k_axes:
+        raise ValueError(
+            "jax_lowbit: matmul with act_bits=8 needs the whole of K on each device to pick "
+            "per-token scales (the absmax of each row of x over all of K), but the weight's "
+            f"K is split over mesh axes {k_axes} (row-parallel); shard the weight "
+            "column-parallel, or use act_bits=None for row-parallel layers")
+    return matmul_plan(impl, params, mesh, arg_shapes)
 
 
 def product_result_sharding(x, weight) -> NamedSharding | None:
@@ -224,10 +263,13 @@ def dequantize_plan(impl, params: dict, mesh, arg_shapes):
 
 
 def dequantize_rule(params: dict, operand_types):
-    """Shardy rule of dequantize: the result's K is the codes' words times the
-    codes per word, so it takes the codes' K sharding."""
-    p = formats.codes_per_word(params["fmt"].bits)
-    return f"{_weight_rule(len(operand_types))} -> (w p) n", {"p": p}
+    """Shardy rule of dequantize: the result's K is the codes' rows times the rows
+    of K in each (P codes per word; 2P for 2:4, two of every four rows kept),
+    so it takes the codes' K sharding."""
+    fmt = params["fmt"]
+    k = fmt.shape[0]
+    p = k // formats.packed_rows(k, fmt.bits, fmt.sparsity)
+    return f"{_weight_rule(fmt, len(operand_types))} -> (w p) n", {"p": p}
 
 
 def dequantize_result_sharding(codes) -> NamedSharding | None:
@@ -277,3 +319,12 @@ def partitioned_lowering(primitive, impl, plan, rule):
         return call(tuple(sorted(params.items())), *operands)
 
     return mlir.lower_fun(lower, multiple_results=False)
+
+
+def register_partitioned_lowerings(primitive, plan, rule, **impls) -> None:
+    """Registers, for each ``platform=impl`` of ``impls``, the lowering of
+    ``primitive`` to ``impl`` partitioned with ``plan`` and ``rule``
+    (``partitioned_lowering``), so sharded operands run where they lie."""
+    for platform, impl in impls.items():
+        mlir.register_lowering(primitive, partitioned_lowering(primitive, impl, plan, rule),
+                               platform=platform)

@@ -1,14 +1,17 @@
 """Tensor parallelism with quantized weights: placing a QuantizedWeight on a
 mesh, and the row-parallel product left unreduced.
 
-Column-parallel splits N: codes, scales and offsets all on their last axis.
-Row-parallel splits K: codes on the packed-word axis, scales and offsets on
-the group axis, so every device holds whole groups and whole words.
+Column-parallel splits N: codes, scales, offsets and 2:4 metadata all on
+their last axis. Row-parallel splits K: codes and metadata on the packed-row
+axis, scales and offsets on the group axis, so every device holds whole
+groups and whole words (2:4: whole blocks of metadata rows).
 ``jax_lowbit.matmul`` runs on such weights without gathering them
 (partitioning.py); docs/sharding.md has the rules.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +44,9 @@ def weight_specs(qw: QuantizedWeight, axis, mode: str) -> QuantizedWeight:
 
     Returns:
       A QuantizedWeight whose leaves are PartitionSpecs (None for absent
-      offsets): usable as ``jax.jit`` in/out shardings with a mesh, or to
-      build NamedShardings.
+      offsets and metadata; a 2:4 weight's metadata is split like its codes,
+      whose rows it locates): usable as ``jax.jit`` in/out shardings with a
+      mesh, or to build NamedShardings.
     """
     _check_weight(qw, "weight_specs")
     if mode not in MODES:
@@ -54,15 +58,17 @@ def weight_specs(qw: QuantizedWeight, axis, mode: str) -> QuantizedWeight:
         codes = PartitionSpec(entry, None)
         # A single group (group_size -1) is one scale row that every K shard needs.
         scales = PartitionSpec(None, None) if qw.group_size == -1 else codes
-    return QuantizedWeight(codes, scales, None if qw.offsets is None else scales,
-                           qw.shape, qw.bits, qw.group_size, qw.symmetric)
+    return dataclasses.replace(qw, codes=codes, scales=scales,
+                               offsets=None if qw.offsets is None else scales,
+                               metadata=None if qw.metadata is None else codes)
 
 
 def shard_weight(qw: QuantizedWeight, mesh, axis, mode: str) -> QuantizedWeight:
     """``qw`` placed on ``mesh`` with ``weight_specs(qw, axis, mode)``.
 
-    Raises ValueError if the split would cut a group or a packed word (row) or
-    split N unevenly (column), naming the sizes involved.
+    Raises ValueError if the split would cut a group, a packed word or a 2:4
+    block of metadata rows (row) or split N unevenly (column), naming the sizes
+    involved.
     """
     _check_weight(qw, "shard_weight")
     unknown = [a for a in _axes(axis) if a not in mesh.axis_names]
@@ -71,7 +77,7 @@ def shard_weight(qw: QuantizedWeight, mesh, axis, mode: str) -> QuantizedWeight:
     specs = weight_specs(qw, axis, mode)
     shards = shard_count(mesh, _axes(axis))
     k_shards, n_shards = (1, shards) if mode == "column" else (shards, 1)
-    reason = split_misfit(*qw.shape, qw.bits, qw.group_size, k_shards, n_shards)
+    reason = split_misfit(*qw.shape, qw.bits, qw.group_size, k_shards, n_shards, qw.sparsity)
     if reason:
         raise ValueError(f"shard_weight: cannot split this weight {mode}-parallel over "
                          f"{shards} devices: {reason}")
@@ -92,7 +98,8 @@ def matmul_partial_sums(x, qw: QuantizedWeight, k_blocks: int) -> jax.Array:
     Args:
       x: (..., K) array, as for ``matmul``.
       qw: a QuantizedWeight of shape (K, N).
-      k_blocks: how many slices; each must hold whole groups and packed words.
+      k_blocks: how many slices; each must hold whole groups and packed words
+        (2:4: whole blocks of metadata rows).
 
     Returns:
       (k_blocks, ..., N) array of x's dtype. Differentiable with respect to x
@@ -108,7 +115,7 @@ def matmul_partial_sums(x, qw: QuantizedWeight, k_blocks: int) -> jax.Array:
                          f"dimension must equal the weight's K={k}")
     if isinstance(k_blocks, bool) or not isinstance(k_blocks, int) or k_blocks < 1:
         raise ValueError(f"matmul_partial_sums: k_blocks must be a positive int, got {k_blocks!r}")
-    reason = split_misfit(k, n, qw.bits, qw.group_size, k_blocks, 1)
+    reason = split_misfit(k, n, qw.bits, qw.group_size, k_blocks, 1, qw.sparsity)
     if reason:
         raise ValueError(f"matmul_partial_sums: cannot cut K into {k_blocks} blocks: {reason}")
     x_blocks = jnp.moveaxis(x.reshape(x.shape[:-1] + (k_blocks, k // k_blocks)), -2, 0)
@@ -117,10 +124,13 @@ def matmul_partial_sums(x, qw: QuantizedWeight, k_blocks: int) -> jax.Array:
     def blocks(a, split):
         return a.reshape(k_blocks, -1, n) if split and a is not None else a
 
-    block_weight = QuantizedWeight(
-        blocks(qw.codes, True), blocks(qw.scales, per_block), blocks(qw.offsets, per_block),
-        (k // k_blocks, n), qw.bits, qw.group_size, qw.symmetric)
+    block_weight = dataclasses.replace(
+        qw, codes=blocks(qw.codes, True), scales=blocks(qw.scales, per_block),
+        offsets=blocks(qw.offsets, per_block), metadata=blocks(qw.metadata, True),
+        shape=(k // k_blocks, n))
     scale_axis = 0 if per_block else None
-    in_axes = QuantizedWeight(0, scale_axis, None if qw.offsets is None else scale_axis,
-                              block_weight.shape, qw.bits, qw.group_size, qw.symmetric)
+    in_axes = dataclasses.replace(
+        block_weight, codes=0, scales=scale_axis,
+        offsets=None if qw.offsets is None else scale_axis,
+        metadata=None if qw.metadata is None else 0)
     return jax.vmap(matmul, in_axes=(0, in_axes))(x_blocks, block_weight)

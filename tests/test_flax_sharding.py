@@ -111,6 +111,22 @@ def test_linen_partitioned_params(mesh, rng):
     assert collectives(text) == ["all-reduce"]
 
 
+def test_sparse_metadata_takes_the_codes_annotations(mesh):
+    # 2:4 metadata rows locate the code words' codes, so they split alike.
+    names = ("model", None)
+    with jax.set_mesh(mesh):
+        linear = nnx.Linear(256, 64, rngs=nnx.Rngs(0), kernel_init=_annotated(names))
+        layer = QuantLinear.from_linear(linear, bits=4, group_size=64, sparsity="2:4")
+    assert _out_sharding(layer.metadata) == _out_sharding(layer.codes) == names
+    kernel = nn.with_partitioning(nn.initializers.lecun_normal(), names)(
+        jax.random.key(0), (256, 64))
+    qparams = lowbit_linen.quantize_params({"Dense_0": {"kernel": kernel}}, bits=4,
+                                           group_size=64, sparsity="2:4")
+    assert nn.meta.unbox(qparams["Dense_0"]["kernel"]).sparsity == "2:4"
+    specs = nn.get_partition_spec(qparams)["Dense_0"]["kernel"]
+    assert specs.metadata == specs.codes == P(*names)
+
+
 def test_tensor_parallel_example():
     spec = importlib.util.spec_from_file_location("tensor_parallel_mlp", EXAMPLE)
     example = importlib.util.module_from_spec(spec)

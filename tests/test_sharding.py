@@ -1,9 +1,13 @@
-"""Sharded matmul, dequantize and int_matmul on 8 emulated CPU devices (conftest.py).
+"""Sharded matmul (act_bits None or 8), dequantize and int_matmul on 8 emulated CPU
+devices (conftest.py), with dense and 2:4 sparse weights.
 
 Every pattern must match the float reference like the unsharded op does, and
 the compiled HLO must gather no weight: the custom call sees only the local
 blocks, and the only collective is the psum of a row-parallel product.
 """
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,9 +50,11 @@ def _place(mesh, a, spec):
 
 
 def _place_weight(mesh, qw, codes_spec, scales_spec):
-    return jax_lowbit.QuantizedWeight(
-        _place(mesh, qw.codes, codes_spec), _place(mesh, qw.scales, scales_spec),
-        _place(mesh, qw.offsets, scales_spec), qw.shape, qw.bits, qw.group_size, qw.symmetric)
+    """``qw`` placed by hand: the 2:4 metadata like the codes, offsets like the scales."""
+    return dataclasses.replace(
+        qw, codes=_place(mesh, qw.codes, codes_spec), scales=_place(mesh, qw.scales, scales_spec),
+        offsets=_place(mesh, qw.offsets, scales_spec),
+        metadata=_place(mesh, qw.metadata, codes_spec))
 
 
 def _check_close(y, x, qw, dtype, tolerance_factor=1.0):
@@ -61,6 +67,13 @@ def _check_close(y, x, qw, dtype, tolerance_factor=1.0):
         error / (scale + 1e-6))
 
 
+def _check_unsharded_result(mesh, y, fn, x, qw):
+    """``y`` is ``fn(x, qw)`` of the unsharded operands bit for bit, on the same CPU."""
+    with jax.default_device(mesh.devices.flat[0]):
+        unsharded = fn(x, qw)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(unsharded, np.float32))
+
+
 # x spec, weight (codes, scales) specs as (K axes, N axes), collectives expected.
 PATTERNS = {
     "batch": (P("data"), (None, None), []),
@@ -70,19 +83,26 @@ PATTERNS = {
     "row over 8": (P(), (("data", "model"), None), ["all-reduce"]),
     "row and column": (P(), ("data", "model"), ["all-reduce"]),
 }
-FORMATS = [  # bits, group_size, symmetric, x dtype
-    (4, 32, True, jnp.float32),
-    (2, 64, False, jnp.bfloat16),
-    (8, -1, False, jnp.float16),
+FORMATS = [  # bits, group_size, symmetric, x dtype, sparsity
+    (4, 32, True, jnp.float32, None),
+    (2, 64, False, jnp.bfloat16, None),
+    (8, -1, False, jnp.float16, None),
+    (4, 64, False, jnp.bfloat16, "2:4"),  # metadata split like the codes
 ]
+
+# act_bits=8 quantizes each row of x with its absmax over all of K: on weights whose
+# K is whole on every device it gives the unsharded result bit for bit; K splits are
+# refused (docs/sharding.md).
+_act_matmul = functools.partial(jax_lowbit.matmul, act_bits=8)
+ACT_QUANT_K_SPLIT = "act_bits=8 needs the whole of K on each device"
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("bits,group_size,symmetric,dtype", FORMATS)
-def test_matmul_pattern(pattern, bits, group_size, symmetric, dtype, mesh, rng):
+@pytest.mark.parametrize("bits,group_size,symmetric,dtype,sparsity", FORMATS)
+def test_matmul_pattern(pattern, bits, group_size, symmetric, dtype, sparsity, mesh, rng):
     x_spec, (k_axes, n_axes), expected = PATTERNS[pattern]
     qw = jax_lowbit.quantize(rng.normal(size=(512, 64)).astype(np.float32), bits, group_size,
-                             symmetric=symmetric)
+                             symmetric=symmetric, sparsity=sparsity)
     x = jnp.asarray(rng.normal(size=(2, 4, 512)), dtype)
     scale_k = None if group_size == -1 else k_axes
     weight = _place_weight(mesh, qw, P(k_axes, n_axes), P(scale_k, n_axes))
@@ -91,14 +111,16 @@ def test_matmul_pattern(pattern, bits, group_size, symmetric, dtype, mesh, rng):
     y = fn(xs, weight)
     row = k_axes is not None
     _check_close(y, x, qw, dtype, tolerance_factor=2.0 if row else 1.0)
-    if not row:  # columns and rows of the product are computed as unsharded, on the same CPU
-        with jax.default_device(mesh.devices.flat[0]):
-            unsharded = jax_lowbit.matmul(x, qw)
-        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(unsharded, np.float32))
+    if not row:  # columns and rows of the product are computed as unsharded
+        _check_unsharded_result(mesh, y, jax_lowbit.matmul, x, qw)
     text = compiled_text(fn, xs, weight)
     assert collectives(text) == expected
-    (operands,) = custom_call_operands(text, "jax_lowbit_matmul")
-    assert operands[1] == (qw.codes.shape[0] // _count(mesh, k_axes), 64 // _count(mesh, n_axes))
+    target = "jax_lowbit_sparse_matmul" if sparsity else "jax_lowbit_matmul"
+    (operands,) = custom_call_operands(text, target)
+    local = (qw.codes.shape[0] // _count(mesh, k_axes), 64 // _count(mesh, n_axes))
+    assert operands[1] == local
+    if sparsity:  # the handler takes the metadata after the codes: their rows go together
+        assert operands[2] == local
 
 
 @pytest.mark.parametrize("mode", ["column", "row"])
@@ -109,13 +131,47 @@ def test_gspmd(mode, gspmd, mesh, rng):
     fn = jax.jit(jax_lowbit.matmul)
     _check_close(fn(x, weight), x, qw, jnp.float32)
     assert collectives(compiled_text(fn, x, weight)) == (["all-reduce"] if mode == "row" else [])
+    act_quant = jax.jit(_act_matmul)
+    if mode == "row":
+        with pytest.raises(Exception, match=ACT_QUANT_K_SPLIT):
+            act_quant(x, weight)
+    else:
+        _check_unsharded_result(mesh, act_quant(x, weight), _act_matmul, np.asarray(x), qw)
+        assert collectives(compiled_text(act_quant, x, weight)) == []
+
+
+@pytest.mark.parametrize("pattern", ["batch", "column", "column over 8"])
+def test_act_quant_pattern(pattern, mesh, rng):
+    x_spec, (_, n_axes), expected = PATTERNS[pattern]
+    qw = jax_lowbit.quantize(rng.normal(size=(512, 64)).astype(np.float32), 4, 64,
+                             symmetric=False)
+    x = jnp.asarray(rng.normal(size=(2, 4, 512)), jnp.bfloat16)
+    weight = _place_weight(mesh, qw, P(None, n_axes), P(None, n_axes))
+    xs = _place(mesh, x, x_spec)
+    fn = jax.jit(_act_matmul)
+    _check_unsharded_result(mesh, fn(xs, weight), _act_matmul, x, qw)
+    text = compiled_text(fn, xs, weight)
+    assert collectives(text) == expected
+    (operands,) = custom_call_operands(text, "jax_lowbit_act_quant_matmul")
+    assert operands[1] == (qw.codes.shape[0], 64 // _count(mesh, n_axes))
+
+
+@pytest.mark.parametrize("pattern", ["row", "row and column"])
+def test_act_quant_row_parallel_is_an_error(pattern, mesh, rng):
+    x_spec, (k_axes, n_axes), _ = PATTERNS[pattern]
+    qw = jax_lowbit.quantize(rng.normal(size=(512, 64)).astype(np.float32), 8, 64)
+    weight = _place_weight(mesh, qw, P(k_axes, n_axes), P(k_axes, n_axes))
+    x = _place(mesh, jnp.asarray(rng.normal(size=(8, 512)), jnp.float32), x_spec)
+    with pytest.raises(Exception, match=ACT_QUANT_K_SPLIT):
+        jax.jit(_act_matmul)(x, weight)
 
 
 @pytest.mark.parametrize("mode", ["column", "row"])
 def test_shard_weight_specs(mode, mesh, rng):
-    for group_size, symmetric in ((64, False), (-1, True)):
+    for group_size, symmetric, sparsity in ((64, False, None), (-1, True, None),
+                                            (64, True, "2:4")):
         qw = jax_lowbit.quantize(rng.normal(size=(512, 64)).astype(np.float32), 4, group_size,
-                                 symmetric=symmetric)
+                                 symmetric=symmetric, sparsity=sparsity)
         placed = jax_lowbit.shard_weight(qw, mesh, ("data", "model"), mode)
         split = ("data", "model")
         codes = P(None, split) if mode == "column" else P(split, None)
@@ -123,16 +179,18 @@ def test_shard_weight_specs(mode, mesh, rng):
         assert placed.codes.sharding.spec == codes
         assert placed.scales.sharding.spec == scales
         assert placed.offsets is None or placed.offsets.sharding.spec == scales
+        assert placed.metadata is None or placed.metadata.sharding.spec == codes
         specs = jax_lowbit.weight_specs(qw, split, mode)
-        assert (specs.codes, specs.scales, specs.offsets) == (
-            codes, scales, None if symmetric else scales)
+        assert (specs.codes, specs.scales, specs.offsets, specs.metadata) == (
+            codes, scales, None if symmetric else scales, codes if sparsity else None)
         np.testing.assert_array_equal(np.asarray(placed.codes), np.asarray(qw.codes))
 
 
+@pytest.mark.parametrize("sparsity", [None, "2:4"])
 @pytest.mark.parametrize("mode", ["column", "row"])
-def test_dequantize_and_grad(mode, mesh, rng):
+def test_dequantize_and_grad(mode, sparsity, mesh, rng):
     qw = jax_lowbit.quantize(rng.normal(size=(256, 64)).astype(np.float32), 4, 32,
-                             symmetric=False)
+                             symmetric=False, sparsity=sparsity)
     weight = jax_lowbit.shard_weight(qw, mesh, "model", mode)
     dequantize = jax.jit(jax_lowbit.dequantize)
     w = dequantize(weight)
@@ -220,9 +278,9 @@ def test_explicit_mesh_types_and_mlp(rng):
 
 
 def test_partial_sums(mesh, rng):
-    for group_size in (64, -1):
+    for group_size, sparsity in ((64, None), (-1, None), (64, "2:4")):
         qw = jax_lowbit.quantize(rng.normal(size=(256, 64)).astype(np.float32), 4,
-                                 group_size, symmetric=False)
+                                 group_size, symmetric=False, sparsity=sparsity)
         x = jnp.asarray(rng.normal(size=(8, 256)), jnp.float32)
         parts = np.asarray(jax_lowbit.matmul_partial_sums(x, qw, 4))
         assert parts.shape == (4, 8, 64)
@@ -251,6 +309,24 @@ def test_group_straddling_shards_is_an_error(mesh, rng):
     weight = _place_weight(mesh, qw, P(("data", "model")), P())
     with pytest.raises(Exception, match="group would straddle two shards"):
         jax.jit(jax_lowbit.matmul)(jnp.ones((2, 512)), weight)
+
+
+def test_sparse_metadata_block_straddling_shards_is_an_error(mesh, rng):
+    # K=128: 8 code word rows split 4 ways, but only 2 blocks of 4 metadata rows.
+    qw = jax_lowbit.quantize(rng.normal(size=(128, 64)).astype(np.float32), 4, 32,
+                             sparsity="2:4")
+    message = "block of metadata rows would straddle two shards"
+    with pytest.raises(ValueError, match=message):
+        jax_lowbit.shard_weight(qw, mesh, "model", "row")
+    with pytest.raises(ValueError, match=message):
+        jax_lowbit.matmul_partial_sums(jnp.ones((2, 128)), qw, 4)
+    weight = _place_weight(mesh, qw, P("model"), P("model"))
+    with pytest.raises(Exception, match=message):
+        jax.jit(jax_lowbit.matmul)(jnp.ones((2, 128)), weight)
+    # Split two ways, each shard holds one whole block.
+    x = jnp.asarray(rng.normal(size=(2, 128)), jnp.float32)
+    y = jax.jit(jax_lowbit.matmul)(x, jax_lowbit.shard_weight(qw, mesh, "data", "row"))
+    _check_close(y, x, qw, jnp.float32, tolerance_factor=2.0)
 
 
 def test_bad_sharding_arguments(mesh, rng):

@@ -9,6 +9,7 @@ without changing its definition.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 
 import flax
@@ -30,15 +31,15 @@ def _is_dense_params(node) -> bool:
 
 def _boxed_like(qw: QuantizedWeight, box) -> QuantizedWeight:
     """``qw`` with its arrays in boxes like the kernel's (``nn.with_partitioning``):
-    the kernel's (K, N) names on the codes, scales and offsets."""
+    the kernel's (K, N) names on the codes, scales, offsets and 2:4 metadata."""
     if not isinstance(box, nn.Partitioned):
         return qw
     scales = (box.replace(names=partition_metadata.single_group_names(box.names))
               if qw.group_size == -1 else box)
-    return QuantizedWeight(
-        box.replace_boxed(qw.codes), scales.replace_boxed(qw.scales),
-        None if qw.offsets is None else scales.replace_boxed(qw.offsets),
-        qw.shape, qw.bits, qw.group_size, qw.symmetric)
+    return dataclasses.replace(
+        qw, codes=box.replace_boxed(qw.codes), scales=scales.replace_boxed(qw.scales),
+        offsets=None if qw.offsets is None else scales.replace_boxed(qw.offsets),
+        metadata=None if qw.metadata is None else box.replace_boxed(qw.metadata))
 
 
 def quantize_params(params, *, bits: int, group_size: int = 128, symmetric: bool = True,

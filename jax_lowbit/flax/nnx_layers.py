@@ -36,8 +36,8 @@ class QuantLinear(nnx.Module):
     reorders the input features first: ``y = x[..., permutation] @ W + b``.
     ``kernel_metadata`` and ``bias_metadata`` are nnx.Linear's (e.g.
     ``{"out_sharding": ("embed", "mlp")}``, as ``nnx.with_partitioning`` sets):
-    the kernel's names for its (K, N) dims go to the codes, scales and offsets,
-    which split along K and N like the kernel (docs/sharding.md).
+    the kernel's names for its (K, N) dims go to the codes, scales, offsets and
+    2:4 metadata, which split along K and N like the kernel (docs/sharding.md).
     """
 
     def __init__(self, weight: QuantizedWeight, bias=None, *, dtype=None, output_shape=None,
@@ -57,8 +57,9 @@ class QuantLinear(nnx.Module):
         self.scales = QuantizedArray(weight.scales, **scale_metadata)
         self.offsets = (None if weight.offsets is None
                         else QuantizedArray(weight.offsets, **scale_metadata))
-        # Sparse weights are not partitioned (no sharding rule yet): no annotations.
-        self.metadata = None if weight.metadata is None else QuantizedArray(weight.metadata)
+        # The 2:4 metadata rows follow the code words: split alike (docs/sharding.md).
+        self.metadata = (None if weight.metadata is None
+                         else QuantizedArray(weight.metadata, **kernel_metadata))
         self.bits = weight.bits
         self.group_size = weight.group_size
         self.symmetric = weight.symmetric

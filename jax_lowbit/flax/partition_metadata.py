@@ -4,8 +4,9 @@
 an ``out_sharding``, one mesh or logical axis name per dim, on a Variable;
 ``nnx.get_partition_spec`` reads it back and Flax places the value with it
 under a mesh. A quantized layer gives its (K, N) kernel names to the packed
-arrays, whose dims are the kernel's: codes (K / P, N) and scales (groups, N)
-split along K where the kernel does (jax_lowbit.partitioning runs either).
+arrays, whose dims are the kernel's: codes and 2:4 metadata (packed rows, N)
+and scales (groups, N) split along K where the kernel does
+(jax_lowbit.partitioning runs either).
 """
 
 from __future__ import annotations
