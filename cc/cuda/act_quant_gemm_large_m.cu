@@ -124,8 +124,12 @@ struct StageLayout {
   static constexpr int kBytes = (kOffsetOffset + kScaleRows * kScaleRowBytes + 1023) / 1024 * 1024;
   static constexpr int kStages = (kMaxSharedBytes - 1024) / kBytes;
   static constexpr int kBarrierOffset = kStages * kBytes;
-  static constexpr int kSharedBytes = kBarrierOffset + 2 * kStages * 8;  // full and empty
+  // After the full and empty barriers: the tile's rows' x scales and sums t,
+  // for the epilogue (see `stage_rows`).
+  static constexpr int kRowOffset = kBarrierOffset + 2 * kStages * 8;
+  static constexpr int kSharedBytes = kRowOffset + 2 * kRows * 4;
   static_assert(split_bytes(kRows) <= kBarrierOffset, "split partials fit in the ring");
+  static_assert(kSharedBytes <= kMaxSharedBytes, "the ring leaves room for the rows");
 };
 
 struct StageMaps {
@@ -199,6 +203,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + L::kBarrierOffset);
   const tma::ProducerRing ring{barriers, barriers + kStages, kStages};
+  // The epilogue's values of each row (x scale; one group asymmetric, also
+  // the sum t), staged in shared memory by the first kRows consumer threads
+  // while the first stage loads. Read from global memory between the
+  // epilogue's stores, a lane's 32 to 64 rows cost a load round trip each
+  // while the tensor cores idle (docs/perf.md v23).
+  float* row_scales = reinterpret_cast<float*>(smem + L::kRowOffset);
+  int32_t* row_sums = reinterpret_cast<int32_t*>(row_scales + kRows);
   const uint32_t stage_bytes =
       L::kXBytes + L::kCodeBytes +
       (kOneGroup ? 0 : (kSymmetric ? 1 : 2) * kScaleRows * kColumns * scale_bytes);
@@ -286,6 +297,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (splits == 1) return;  // else the warp joins the cluster's barriers below
   } else {
+    if (threadIdx.x < kRows) {
+      const int m = row0 + int(threadIdx.x);
+      row_scales[threadIdx.x] = m < p.m ? p.x_scales[m] : 0.f;
+      if (kOneGroup && !kSymmetric) row_sums[threadIdx.x] = m < p.m ? p.group_sums[m] : 0;
+    }
     ring.wait_full(0);
     Words words;
     fetch(smem, 0, words);
@@ -346,6 +362,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     wgmma::wait<0>();
+    // The rows staged above are visible to every consumer thread (named
+    // barrier 3 of the two warpgroups; the producer warp takes no part).
+    asm volatile("bar.sync 3, %0;\n" ::"n"(kConsumerThreads) : "memory");
   }
 
   // y[m, col] from a column's sum: the f32 sum of groups, or with one group
@@ -355,12 +374,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kOneGroup) {
       const float scale = load_float(p.scales, col, p.scale_type);
       const float offset = kSymmetric ? 0.f : load_float(p.offsets, col, p.scale_type);
-      acc = add_rn(0.f, group_term(int32_t(sum) >> kShift, kSymmetric ? 0 : p.group_sums[m],
+      acc = add_rn(0.f, group_term(int32_t(sum) >> kShift, kSymmetric ? 0 : row_sums[m - row0],
                                    kBits, kSymmetric, scale, offset));
     } else {
       acc = sum;
     }
-    store_output(p.y, int64_t(m) * p.n + col, mul_rn(acc, p.x_scales[m]), p.out_type);
+    store_output(p.y, int64_t(m) * p.n + col, mul_rn(acc, row_scales[m - row0]), p.out_type);
   };
   const int rows = min(kRows, p.m - row0);
   if (splits > 1) {
@@ -399,9 +418,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < kAccumulators; i += 4) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int m = row0 + 8 * (i / 4) + 2 * t + h;
-        if (m >= row0 + rows) continue;
-        [[maybe_unused]] const int32_t sum_x = kOneGroup && !kSymmetric ? p.group_sums[m] : 0;
+        const int row = 8 * (i / 4) + 2 * t + h, m = row0 + row;
+        if (row >= rows) continue;
+        [[maybe_unused]] const int32_t sum_x = kOneGroup && !kSymmetric ? row_sums[row] : 0;
         float v[2];
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
@@ -412,7 +431,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           } else {
             v[c] = facc[r];
           }
-          v[c] = mul_rn(v[c], p.x_scales[m]);
+          v[c] = mul_rn(v[c], row_scales[row]);
         }
         store_output_pair<Out>(p.y, int64_t(m) * p.n + col, v[0], v[1]);
       }
