@@ -36,7 +36,8 @@ FORMATS = [(4, True, None), (4, False, None), (2, True, None), (2, False, None),
            (4, True, "2:4")]  # (bits, symmetric, sparsity)
 GROUP = 128
 # Quantized activations (act_bits=8): name -> (weight bits, group size), symmetric.
-ACT_QUANT_FORMATS = {"w8a8 per-channel": (8, -1), f"w4a8 g{GROUP}": (4, GROUP)}
+ACT_QUANT_FORMATS = {"w8a8 per-channel": (8, -1), f"w4a8 g{GROUP}": (4, GROUP),
+                     "w4a8 per-channel": (4, -1)}
 INT_MATMUL = "int_matmul s8 x s8"
 BASELINES = ("bf16", "xla int4 g128")
 

@@ -371,6 +371,28 @@ def test_gpu_pre_pass_interleaves_rows_for_the_wgmma_kernel(bits, rng):
 
 
 @pytest.mark.gpu
+def test_gpu_pre_pass_divides_near_half_integers(rng):
+    """The pre-pass multiplies by 1 / s and divides only near half-integers
+    (cc/cuda/quantize_rows.cu); x / s on and a few ulps beside n + 1/2 must
+    still round as the spec's true division does."""
+    m, k = 8, 256
+    absmax = (np.float32(127) * rng.uniform(0.5, 2.0, size=(m, 1))).astype(np.float32)
+    s = absmax / np.float32(127)
+    halves = (rng.integers(-127, 127, size=(m, k)) + np.float32(0.5)).astype(np.float32)
+    x = halves * s
+    shift = rng.integers(-3, 4, size=(m, k))  # ulps away from the half-integer quotient
+    for step in range(1, 4):
+        x = np.where(shift >= step, np.nextafter(x, np.float32(np.inf)), x)
+        x = np.where(-shift >= step, np.nextafter(x, np.float32(-np.inf)), x)
+    x[:, 0] = absmax[:, 0]
+    want, _ = act_quant_reference.quantize_rows(x)
+    # The data has teeth: rounding the product by 1 / s gets some elements wrong.
+    assert np.any(np.rint(x * (np.float32(1) / s)) != want)
+    got = jax.jit(lambda x: act_quant_lowering._quantize_rows(x, 64, k // 64))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(got[0]), want)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m", [5, 40])
 @pytest.mark.parametrize("x_dtype, scale_dtype", [
     (jnp.float32, jnp.float32), (jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float16),

@@ -60,12 +60,29 @@ __device__ float block_max(float v) {
   return __uint_as_float(all);
 }
 
+// quantize_activation(v, scale), the spec's true division v / scale, mostly
+// without dividing. With inverse = 1 / scale (rounded), q0 = v * inverse is
+// within 2^-16 of v / scale (|v / scale| <= 127, two roundings of relative
+// error 2^-24), so where q0 lies more than 2^-15 from a half-integer, v /
+// scale and its float rounding are on q0's side of it, and all three round to
+// the same integer. Only elements nearer a half-integer (about 2^-14 of them)
+// divide. The division (MUFU.RCP, four FFMA and FCHK an element) was most of
+// the pre-pass's instructions (docs/perf.md v23). scale 0: inverse 0, q0 0.
+__device__ __forceinline__ int32_t quantize_activation_by_inverse(float v, float scale,
+                                                                  float inverse) {
+  const float q0 = v * inverse;
+  const float nearest = rintf(q0);
+  if (0.5f - fabsf(q0 - nearest) <= 0x1p-15f) return quantize_activation(v, scale);
+  return static_cast<int32_t>(fminf(fmaxf(nearest, -kActivationMax), kActivationMax));
+}
+
 // Elements i .. i + 3 of a row: their int8 values packed in a word, and their sum.
-__device__ __forceinline__ uint32_t quantize4(const float (&v)[4], float scale, int32_t& sum) {
+__device__ __forceinline__ uint32_t quantize4(const float (&v)[4], float scale, float inverse,
+                                              int32_t& sum) {
   uint32_t packed = 0;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const int32_t q = quantize_activation(v[j], scale);
+    const int32_t q = quantize_activation_by_inverse(v[j], scale, inverse);
     packed |= (static_cast<uint32_t>(q) & 0xffu) << (8 * j);
     sum += q;
   }
@@ -92,18 +109,19 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < 4; ++j) absmax = fmaxf(absmax, fabsf(v[j]));
   }
   const float scale = activation_scale(block_max(absmax));
+  const float inverse = scale == 0.f ? 0.f : 1.f / scale;
   for (int g = threadIdx.x; g < groups; g += kThreads) sums[g] = 0;
   __syncthreads();
   for (int i = kElements * threadIdx.x; i < k; i += kElements * kThreads) {
     float v[4];
     load4(row + i, v);
     int32_t sum = 0;
-    const uint32_t packed = quantize4(v, scale, sum);
+    const uint32_t packed = quantize4(v, scale, inverse, sum);
     if constexpr (kInterleaveBits == 0) {
       *reinterpret_cast<uint32_t*>(out + i) = packed;
     } else {
       load4(row + i + 4, v);
-      const uint2 lane_rows = make_uint2(packed, quantize4(v, scale, sum));
+      const uint2 lane_rows = make_uint2(packed, quantize4(v, scale, inverse, sum));
       uint32_t b[2];
       SignedCodes<kInterleaveBits>::b_fragment(lane_rows, b[0], b[1]);
       // Lane t = i % 32 / 8 of the block: its k slots 4t .. 4t + 3 and
