@@ -35,9 +35,12 @@ COPIES = 2  # two copies of each layer, run in turn, so weights never sit in L2
 FORMATS = [(4, True, None), (4, False, None), (2, True, None), (2, False, None),
            (4, True, "2:4")]  # (bits, symmetric, sparsity)
 GROUP = 128
-# Quantized activations (act_bits=8): name -> (weight bits, group size), symmetric.
-ACT_QUANT_FORMATS = {"w8a8 per-channel": (8, -1), f"w4a8 g{GROUP}": (4, GROUP),
-                     "w4a8 per-channel": (4, -1)}
+# Quantized activations (act_bits=8): name -> (weight bits, group size, more quantize
+# arguments), symmetric.
+INTEGER_SCALES = dict(scale_dtype=jnp.float32, integer_group_scales=True)
+ACT_QUANT_FORMATS = {"w8a8 per-channel": (8, -1, {}), f"w4a8 g{GROUP}": (4, GROUP, {}),
+                     f"w4a8 g{GROUP} int-scales": (4, GROUP, INTEGER_SCALES),
+                     "w4a8 per-channel": (4, -1, {})}
 INT_MATMUL = "int_matmul s8 x s8"
 BASELINES = ("bf16", "xla int4 g128")
 
@@ -216,10 +219,10 @@ def main():
             continue
         weights[name] = [jax_lowbit.quantize(w, bits, GROUP, symmetric=sym, sparsity=sparsity)
                          for w in dense]
-    for name, (bits, group) in ACT_QUANT_FORMATS.items():
+    for name, (bits, group, kwargs) in ACT_QUANT_FORMATS.items():
         if not wanted(name):
             continue
-        weights[name] = [jax_lowbit.quantize(w, bits, group) for w in dense]
+        weights[name] = [jax_lowbit.quantize(w, bits, group, **kwargs) for w in dense]
     if wanted(INT_MATMUL):
         weights[INT_MATMUL] = [_as_int8(w, 0.005) for w in dense]
     layer_fns = {"bf16": _bf16_layer, "xla int4 g128": _xla_int4_layer, INT_MATMUL:

@@ -5,7 +5,9 @@ CPU: one C++ handler quantizes x and computes the product
 CUDA: a pre-pass kernel quantizes x (cc/cuda/quantize_rows.cu), then
  - on sm_90 GPUs, from LARGE_M_MIN_ROWS rows on, with K a multiple of 128
    and N of 8: the wgmma s8 kernel (cc/cuda/act_quant_gemm_large_m.cu),
-   tiles of 128 rows x 128 columns;
+   tiles of 128 rows x 128 columns; for weights with integer group scales
+   and N a multiple of 16 its integer-scale form (one int32 sum over all of
+   K, the multiples applied to the A registers);
  - else the int8 mma.sync kernel (cc/cuda/act_quant_gemm.cu) reads the packed
    codes in place: every M with groups (CTAs of 16 rows; the row blocks of
    a column strip run together and share its codes through L2), and M <= 32
@@ -116,6 +118,42 @@ def _gemm_kernel(rows, weight, fmt: WeightFormat, target: str, interleave_bits: 
     return y[:, :n] if pad else y
 
 
+# The multiples' TMA rows are N bytes apart, which TMA needs a multiple of 16.
+INTEGER_SCALES_N_MULTIPLE = 16
+
+
+def uses_integer_scales_kernel(fmt: WeightFormat, rows: int) -> bool:
+    """Whether a CUDA act_quant_matmul of ``rows`` rows runs the wgmma kernel's
+    integer-scale form (weights of ``quantize(..., integer_group_scales=True)``)."""
+    return (fmt.integer_group_scales and uses_large_m_kernel(fmt, rows)
+            and fmt.shape[1] % INTEGER_SCALES_N_MULTIPLE == 0)
+
+
+def _integer_scales_kernel(rows, weight, fmt: WeightFormat):
+    """Integer group scales: the pre-pass's launch also derives each column's
+    scale c = max_g scale / 16 and the multiples scale / c (integers 0..16 by
+    docs/formats.md's rule) as uint8; the kernel forms the int8 weights (code -
+    8) * m in registers."""
+    codes, scales, _, _ = fmt.split(weight)  # int4 symmetric: no offsets, no metadata
+    xq, s, column, multiples = _quantize_rows_integer_scales(rows, scales, fmt.bits)
+    return jax.ffi.ffi_call("jax_lowbit_act_quant_gemm_integer_scales",
+                            jax.ShapeDtypeStruct((rows.shape[0], fmt.shape[1]), rows.dtype))(
+        xq, s, codes, multiples, column, group_size=np.int64(fmt.group_size))
+
+
+def _quantize_rows_integer_scales(rows, scales, interleave_bits: int):
+    """The CUDA pre-pass (xq, s; one sum over K, its group sums unread) and in
+    the same launch, from a weight's float32 scales (G, N), the column scales
+    (N,) float32 and the multiples (G, N) uint8."""
+    (m, k), (groups, n) = rows.shape, scales.shape
+    xq, s, _, column, multiples = jax.ffi.ffi_call("jax_lowbit_quantize_rows_integer_scales", (
+        jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32),
+        jax.ShapeDtypeStruct((1, m), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.float32),
+        jax.ShapeDtypeStruct((groups, n), jnp.uint8)))(
+        rows, scales, group_rows=np.int64(k), interleave_bits=np.int64(interleave_bits))
+    return xq, s, column, multiples
+
+
 def _one_group_integer_dot(rows, weight, fmt: WeightFormat):
     """One group: xq @ (codes - 2^(bits-1)) as one integer dot, then the spec's epilogue."""
     k, _ = fmt.shape
@@ -138,7 +176,9 @@ def _act_quant_matmul_cuda(x, *weight, fmt: WeightFormat):
     _require_cuda()
     k, n = fmt.shape
     rows = x.reshape(math.prod(x.shape[:-1]), k)
-    if uses_large_m_kernel(fmt, rows.shape[0]):
+    if uses_integer_scales_kernel(fmt, rows.shape[0]):
+        y = _integer_scales_kernel(rows, weight, fmt)
+    elif uses_large_m_kernel(fmt, rows.shape[0]):
         y = _gemm_kernel(rows, weight, fmt, "jax_lowbit_act_quant_gemm_large_m", fmt.bits)
     elif uses_gemm_kernel(fmt, rows.shape[0]):
         y = _gemm_kernel(rows, weight, fmt, "jax_lowbit_act_quant_gemm")

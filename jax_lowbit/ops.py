@@ -19,7 +19,13 @@ def _operands(qw: QuantizedWeight, caller: str):
         raise ValueError(f"{caller}: a QuantizedWeight has metadata exactly when it has a "
                          f"sparsity, got sparsity={qw.sparsity!r} and metadata "
                          f"{'None' if qw.metadata is None else 'given'}")
-    fmt = WeightFormat(tuple(qw.shape), qw.bits, qw.group_size, qw.symmetric, qw.sparsity)
+    if qw.integer_group_scales and (
+            qw.bits != 4 or not qw.symmetric or qw.group_size == -1 or qw.sparsity is not None
+            or jnp.dtype(qw.scales.dtype) != jnp.float32):
+        raise ValueError(f"{caller}: integer_group_scales needs int4 symmetric weights with "
+                         "groups (group_size not -1), float32 scales and no sparsity")
+    fmt = WeightFormat(tuple(qw.shape), qw.bits, qw.group_size, qw.symmetric, qw.sparsity,
+                       qw.integer_group_scales)
     operands = (qw.codes, qw.scales) + tuple(a for a in (qw.offsets, qw.metadata) if a is not None)
     return operands, fmt
 

@@ -28,6 +28,7 @@ class WeightFormat:
     group_size: int
     symmetric: bool
     sparsity: str | None = None
+    integer_group_scales: bool = False
 
     def split(self, weight_operands):
         """(codes, scales, offsets or None, metadata or None) from the primitive's weight

@@ -78,6 +78,26 @@ def group_grid(grouped: jax.Array, bits: int, *, symmetric: bool, scale_dtype,
     return scales, offsets
 
 
+def integer_group_scales(grouped: jax.Array) -> jax.Array:
+    """float32 scales (G, N) of int4 symmetric ``grouped`` weights (G, rows, N)
+    whose groups share one scale per column: ``c = absmax / 120`` of the column
+    rounded up to bfloat16 precision, and group g's scale ``c * m`` with the
+    integer ``m = ceil(group absmax / (7.5 c))`` in 0..16, exact in float32
+    (docs/formats.md). The column's largest group gets m = 16, so ``c`` is
+    ``max_g scale / 16``."""
+    half_range = formats.symmetric_offset(4) - 0.5  # 7.5, as for every symmetric grid
+    absmax = jnp.max(jnp.abs(grouped), axis=1)
+    column_max = jnp.max(absmax, axis=0)
+    column = _round_toward(column_max / (16 * half_range), jnp.bfloat16, +1).astype(jnp.float32)
+    # The float32 quotient may have rounded down: one bfloat16 step more then
+    # keeps 120 c >= absmax (exact products: c has 8 significant bits).
+    step = jnp.ldexp(jnp.float32(1), jnp.frexp(column)[1] - 8)
+    column = jnp.where(16 * half_range * column < column_max, column + step, column)
+    safe = jnp.where(column == 0, 1.0, column)
+    multiples = jnp.clip(jnp.ceil(absmax / (half_range * safe)), 0, 16)
+    return column * multiples
+
+
 def round_to_grid(grouped: jax.Array, scales, offsets, bits: int, *, ternary: bool = False):
     """Codes (float, 0 .. 2^bits - 1) of ``grouped`` weights (G, rows, N) rounded to
     nearest on the grid ``code * scale + offset`` of (G, N) ``scales``/``offsets``
@@ -111,23 +131,28 @@ METHODS = ("rtn", "hqq")
 # Jitted so that eager calls (quantize_model, one per layer) compile once per
 # shape and format: HQQ's loop would otherwise be traced and compiled per call.
 @functools.partial(jax.jit, static_argnames=("bits", "rows", "symmetric", "scale_dtype",
-                                             "method", "ternary", "sparsity"))
-def _packed_arrays(w, *, bits, rows, symmetric, scale_dtype, method, ternary, sparsity):
+                                             "method", "ternary", "sparsity", "integer"))
+def _packed_arrays(w, *, bits, rows, symmetric, scale_dtype, method, ternary, sparsity,
+                   integer):
     """(packed codes, scales, offsets, 2:4 metadata) of a float32 (K, N) ``w``."""
     values, metadata = w, None
     if sparsity is not None:  # only the two kept values of every 4 rows are quantized
         values, metadata = compress_2_4(values)
         rows //= 2
     grouped = values.reshape(-1, rows, values.shape[1])
-    scales, offsets = group_grid(grouped, bits, symmetric=symmetric, scale_dtype=scale_dtype,
-                                 method=method, ternary=ternary)
+    if integer:
+        scales, offsets = integer_group_scales(grouped), None
+    else:
+        scales, offsets = group_grid(grouped, bits, symmetric=symmetric,
+                                     scale_dtype=scale_dtype, method=method, ternary=ternary)
     codes = round_to_grid(grouped, scales, offsets, bits, ternary=ternary).reshape(values.shape)
     return formats.pack_codes(codes, bits), scales, offsets, metadata
 
 
 def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
              scale_dtype=jnp.bfloat16, method: str = "rtn",
-             ternary: bool = False, sparsity: str | None = None) -> QuantizedWeight:
+             ternary: bool = False, sparsity: str | None = None,
+             integer_group_scales: bool = False) -> QuantizedWeight:
     """Quantizes a (K, N) weight (Flax kernel layout) to ``bits``-bit codes.
 
     Groups of ``group_size`` consecutive rows of K (all of K for -1) share one
@@ -159,6 +184,16 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
         column (``prune_2_4``; a 2:4 ``w`` keeps all its nonzeros), and only
         the kept values are quantized and stored, with their positions in
         ``metadata``; scales and offsets are fitted to the kept values.
+      integer_group_scales: int4 symmetric only, with scale_dtype=jnp.float32
+        and groups (group_size not -1): each column's group scales are
+        integer multiples 0..16 of one float32 scale ``c`` (absmax / 120 of
+        the column, rounded up to bfloat16 precision): ``c * ceil(group
+        absmax / (7.5 c))``, a step at most twice the float-scale one and
+        still within half a step of every weight. Every path reads it as an
+        ordinary float32-scale weight; ``matmul(x, qw, act_bits=8)`` on an
+        sm_90 GPU then forms each column's int8 weights ``(code - 8) * m`` in
+        registers and sums across groups on int8 tensor cores
+        (QServe-style two-level scales; docs/formats.md, docs/perf.md v23).
 
     Returns:
       A QuantizedWeight. Under ``jax.jit`` the check for NaN/Inf in ``w``
@@ -173,13 +208,19 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
         raise ValueError("method='hqq' refines zero points: use symmetric=False")
     if ternary and (bits != 2 or not symmetric or method != "rtn"):
         raise ValueError("ternary=True needs bits=2, symmetric=True and method='rtn'")
+    if integer_group_scales and (bits != 4 or not symmetric or group_size == -1 or ternary
+                                 or method != "rtn" or sparsity is not None
+                                 or jnp.dtype(scale_dtype) != jnp.float32):
+        raise ValueError("integer_group_scales=True needs bits=4, symmetric=True, "
+                         "scale_dtype=jnp.float32, a group_size other than -1, "
+                         "method='rtn', no ternary and no sparsity")
     if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
         raise ValueError("quantize: w contains NaN or Inf")
 
     codes, scales, offsets, metadata = _packed_arrays(
         jnp.asarray(w, jnp.float32), bits=bits, rows=formats.group_rows(group_size, k),
         symmetric=symmetric, scale_dtype=jnp.dtype(scale_dtype), method=method,
-        ternary=ternary, sparsity=sparsity)
+        ternary=ternary, sparsity=sparsity, integer=bool(integer_group_scales))
     check_finite_grid(scales, offsets, scale_dtype)
     return QuantizedWeight(
         codes=codes,
@@ -191,4 +232,5 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
         symmetric=symmetric,
         metadata=metadata,
         sparsity=sparsity,
+        integer_group_scales=bool(integer_group_scales),
     )

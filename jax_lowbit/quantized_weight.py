@@ -36,6 +36,10 @@ class QuantizedWeight:
       metadata: uint16 (K / 16, N), the rows of the kept codes of a 2:4 sparse
         weight; None for dense ones.
       sparsity: "2:4" for a 2:4 sparse weight (int4 only), None for dense ones.
+      integer_group_scales: whether every column's float32 group scales are
+        integer multiples 0..16 of one scale per column, max_g scale / 16
+        (``quantize(..., integer_group_scales=True)``, docs/formats.md); W4A8
+        (``act_bits=8``) then multiplies on int8 tensor cores across groups.
     """
 
     codes: Any
@@ -47,6 +51,7 @@ class QuantizedWeight:
     symmetric: bool
     metadata: Any = None
     sparsity: str | None = None
+    integer_group_scales: bool = False
 
     def tree_flatten(self):
         return (self.codes, self.scales, self.offsets, self.metadata), (
@@ -55,13 +60,14 @@ class QuantizedWeight:
             self.group_size,
             self.symmetric,
             self.sparsity,
+            self.integer_group_scales,
         )
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         # No checks here: JAX rebuilds pytrees with placeholder leaves too.
         codes, scales, offsets, metadata = children
-        return cls(codes, scales, offsets, *aux[:4], metadata, aux[4])
+        return cls(codes, scales, offsets, *aux[:4], metadata, *aux[4:])
 
     @property
     def groups(self) -> int:
@@ -90,6 +96,8 @@ class QuantizedWeight:
         kind = "symmetric" if self.symmetric else "asymmetric"
         if self.sparsity is not None:
             kind += f", sparsity={self.sparsity!r}"
+        if self.integer_group_scales:
+            kind += ", integer group scales"
         # Leaves may be placeholders (shapes, specs) in a tree_map'd copy.
         scales = (jnp.dtype(self.scales.dtype).name if hasattr(self.scales, "dtype")
                   else repr(self.scales))
@@ -98,11 +106,11 @@ class QuantizedWeight:
 
 
 # Lets jax.export serialize functions that take or return a QuantizedWeight.
-# Blobs written before sparsity existed have four entries.
+# Blobs written before sparsity (integer_group_scales) existed have four (five) entries.
 jax.export.register_pytree_node_serialization(
     QuantizedWeight,
     serialized_name="jax_lowbit.QuantizedWeight",
     serialize_auxdata=lambda aux: json.dumps(aux).encode(),
-    deserialize_auxdata=lambda data: (lambda s, b, g, sym, sparsity=None: (
-        tuple(s), b, g, sym, sparsity))(*json.loads(data)),
+    deserialize_auxdata=lambda data: (lambda s, b, g, sym, sparsity=None, integer=False: (
+        tuple(s), b, g, sym, sparsity, integer))(*json.loads(data)),
 )

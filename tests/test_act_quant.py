@@ -31,6 +31,19 @@ def _weight(rng, k, n, bits, group_size, symmetric=True, scale_dtype=jnp.bfloat1
                                       bits, group_size, symmetric)
 
 
+def _integer_weight(rng, k, n, group_size):
+    """A random int4 weight with integer group scales (docs/formats.md): column
+    scales of 8 significant bits times multiples 0..16, with a 16 in each column."""
+    groups = k // group_size
+    codes = formats.pack_codes(jnp.asarray(rng.integers(0, 16, size=(k, n)), jnp.uint32), 4)
+    column = np.asarray(jnp.asarray(rng.uniform(0.5, 2.0, size=n) / 256, jnp.bfloat16),
+                        np.float32)
+    multiples = rng.integers(0, 17, size=(groups, n))
+    multiples[rng.integers(0, groups, size=n), np.arange(n)] = 16
+    return jax_lowbit.QuantizedWeight(codes, jnp.asarray(column * multiples, jnp.float32), None,
+                                      (k, n), 4, group_size, True, integer_group_scales=True)
+
+
 def _x(rng, shape, dtype):
     """Heavy-tailed rows of different magnitudes, so per-row scales matter."""
     x = rng.standard_t(4, size=shape) * rng.uniform(0.1, 10.0, size=shape[:-1] + (1,))
@@ -204,6 +217,8 @@ def test_export_roundtrip(rng):
 KERNEL = {"jax_lowbit_quantize_rows", "jax_lowbit_act_quant_gemm"}
 LARGE_M_KERNEL = {"jax_lowbit_quantize_rows", "jax_lowbit_act_quant_gemm_large_m"}
 INTEGER_DOT = {"jax_lowbit_quantize_rows"}
+INTEGER_SCALES_KERNEL = {"jax_lowbit_quantize_rows_integer_scales",
+                         "jax_lowbit_act_quant_gemm_integer_scales"}
 
 
 @pytest.mark.skipif(not jax_lowbit.build_info()["cuda"], reason="built without CUDA")
@@ -230,7 +245,39 @@ def test_cuda_dispatch(m, k, n, bits, group_size, elsewhere, on_sm90, hopper, rn
     assert cuda_targets((m, k), jnp.bfloat16, qw, act_bits=8) == want
 
 
+@pytest.mark.skipif(not jax_lowbit.build_info()["cuda"], reason="built without CUDA")
+@pytest.mark.parametrize("m, n, elsewhere, on_sm90", [
+    (16, 64, KERNEL, KERNEL),
+    (33, 64, KERNEL, INTEGER_SCALES_KERNEL),
+    (4096, 64, KERNEL, INTEGER_SCALES_KERNEL),
+    (300, 72, KERNEL, LARGE_M_KERNEL),  # N not a multiple of 16: the float group terms
+])
+def test_cuda_dispatch_integer_group_scales(m, n, elsewhere, on_sm90, hopper, rng):
+    qw = _integer_weight(rng, 256, n, 128)
+    want = on_sm90 if hopper else elsewhere
+    assert cuda_targets((m, 256), jnp.bfloat16, qw, act_bits=8) == want
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_integer_group_scales_match_spec(group_size, rng):
+    """Integer group scales are float32 group scales: the spec is the same."""
+    qw = _integer_weight(rng, 512, 48, group_size)
+    x = _x(rng, (5, 512), jnp.bfloat16)
+    check_against_spec(_act_matmul(x, qw), x, qw)
+
+
 # --- bad input -------------------------------------------------------------------
+
+@pytest.mark.parametrize("change", [dict(bits=8), dict(symmetric=False), dict(group_size=-1)])
+def test_integer_group_scales_flag_needs_int4_symmetric_groups(change, rng):
+    import dataclasses
+
+    qw = _integer_weight(rng, 256, 16, 128)
+    for bad in [dataclasses.replace(qw, scales=qw.scales.astype(jnp.bfloat16)),
+                dataclasses.replace(qw, **change)]:
+        with pytest.raises(ValueError, match="integer_group_scales needs int4 symmetric"):
+            _act_matmul(jnp.ones((2, 256)), bad)
+
 
 @pytest.mark.parametrize("act_bits", [4, 16, 0, True, "8", 8.0])
 def test_unsupported_act_bits(act_bits, rng):
@@ -343,6 +390,49 @@ def test_gpu_large_m_kernel(m, k, n, bits, group_size, symmetric, rng):
         assert cuda_targets(x.shape, x.dtype, qw, act_bits=8) == LARGE_M_KERNEL
     y = _poisoned(_act_matmul, (m, n), x.dtype, x, qw)
     check_against_spec(jnp.asarray(y, jnp.float32).astype(x.dtype), x, qw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, k, n", [
+    (40, 1024, 256),  # one 128-row tile a column strip
+    (129, 4352, 208),  # 256-row tiles from 129 rows; K split over 8 CTAs
+    (1000, 1024, 2048),
+    (1100, 512, 4096),  # no K split, the last 256-row tile partial
+    (1300, 4352, 208),
+])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+def test_gpu_integer_group_scales(m, k, n, group_size, rng):
+    """The wgmma kernel's integer-scale form: one int32 sum over K of xq * (code - 8) * m."""
+    from kernel_checks import _poisoned
+
+    qw = _integer_weight(rng, k, n, group_size)
+    x = _x(rng, (m, k), jnp.bfloat16)
+    if _extension.cuda_devices_are_hopper():
+        assert cuda_targets(x.shape, x.dtype, qw, act_bits=8) == INTEGER_SCALES_KERNEL
+    y = _poisoned(_act_matmul, (m, n), x.dtype, x, qw)
+    check_against_spec(jnp.asarray(y, jnp.float32).astype(x.dtype), x, qw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [208, 4096])  # 208: the last CTA's 32 columns partial
+def test_gpu_pre_pass_derives_integer_scales(n, rng):
+    """The pre-pass's launch also gives c = max_g scale / 16 and m = scale / c."""
+    qw = _integer_weight(rng, 1024, n, 64)
+    scales = np.array(qw.scales)
+    scales[:, 3] = 0  # an all-zero column: c = 0, m = 0
+    x = _x(rng, (5, 1024), jnp.bfloat16)
+    prepass = jax.jit(lambda x, w: act_quant_lowering._quantize_rows_integer_scales(x, w, 4))
+    xq, s, column, multiples = prepass(x, jnp.asarray(scales))
+    want_column = scales.max(axis=0) / 16
+    np.testing.assert_array_equal(np.asarray(column), want_column)
+    np.testing.assert_array_equal(np.asarray(multiples),
+                                  scales / np.where(want_column == 0, 1, want_column))
+    want_xq, want_s = act_quant_reference.quantize_rows(np.asarray(x.astype(jnp.float32)))
+    assert np.asarray(multiples).dtype == np.uint8
+    # The rows' part as in the plain pre-pass (xq interleaved for int4 codes).
+    np.testing.assert_array_equal(np.asarray(s), want_s)
+    np.testing.assert_array_equal(np.sort(np.asarray(xq).reshape(5, -1, 32), axis=2),
+                                  np.sort(want_xq.reshape(5, -1, 32), axis=2))
 
 
 @pytest.mark.gpu

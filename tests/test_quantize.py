@@ -193,3 +193,51 @@ def test_ternary(group_size, rng):
     np.testing.assert_array_equal(values, np.clip(np.round(w / scale), -1, 1))
     with pytest.raises(ValueError, match="ternary"):
         jax_lowbit.quantize(w, 4, group_size, ternary=True)
+
+
+@pytest.mark.parametrize("group_size", [32, 128, 256])
+def test_integer_group_scales(group_size, rng):
+    """docs/formats.md: c = absmax / 120 of the column rounded up to bfloat16
+    precision, group scale c * m with m = ceil(group absmax / (7.5 c)) in 0..16."""
+    k, n = 512, 48
+    w = rng.standard_t(3, size=(k, n)) * rng.uniform(0.01, 10.0, size=(1, n))
+    w[:, 5] = 0  # an all-zero column
+    w[:group_size, 7] = 0  # an all-zero group
+    w = w.astype(np.float32)
+    qw = jax_lowbit.quantize(w, 4, group_size, scale_dtype=jnp.float32,
+                             integer_group_scales=True)
+    assert qw.integer_group_scales and "integer group scales" in repr(qw)
+    scales = np.asarray(qw.scales)
+    assert scales.dtype == np.float32
+    column = scales.max(axis=0) / 16
+    absmax = np.abs(w).max(axis=0)
+    # c has 8 significant bits and is the smallest such value with 120 c >= absmax.
+    np.testing.assert_array_equal(column, np.asarray(jnp.asarray(column, jnp.bfloat16), np.float32))
+    assert np.all(120 * column >= absmax)
+    below = np.asarray(jnp.nextafter(jnp.asarray(column, jnp.bfloat16), jnp.bfloat16(0)),
+                       np.float32)
+    assert np.all((column == 0) | (120 * below < absmax))
+    multiples = scales / np.where(column == 0, 1, column)
+    np.testing.assert_array_equal(multiples, np.round(multiples))
+    assert multiples.min() >= 0 and multiples.max() <= 16
+    np.testing.assert_array_equal(multiples.max(axis=0), np.where(absmax > 0, 16, 0))
+    assert np.all(multiples[0, 7] == 0) and np.all(scales[:, 5] == 0)
+    group_absmax = np.abs(w).reshape(-1, group_size, n).max(axis=1)
+    np.testing.assert_array_equal(
+        multiples, np.ceil(group_absmax / (7.5 * np.where(column == 0, 1, column))))
+    # Still within half a step of every weight (plus f32 rounding), as any symmetric grid.
+    err = np.abs(spec_reference.dequantize_weight(qw) - w)
+    assert np.all(err <= 0.5 * _group_repeat(scales, qw) * (1 + 1e-5) + 1e-7)
+    # A pytree leaf set like any other, the flag in its static data.
+    leaves, tree = jax.tree.flatten(qw)
+    assert jax.tree.unflatten(tree, leaves).integer_group_scales
+
+
+@pytest.mark.parametrize("kwargs", [dict(bits=8), dict(symmetric=False), dict(group_size=-1),
+                                    dict(scale_dtype=jnp.bfloat16), dict(sparsity="2:4")])
+def test_integer_group_scales_need_int4_symmetric_float32_groups(kwargs, rng):
+    w = rng.normal(size=(128, 16)).astype(np.float32)
+    args = dict(bits=4, group_size=64, symmetric=True, scale_dtype=jnp.float32) | kwargs
+    with pytest.raises(ValueError, match="integer_group_scales=True needs bits=4"):
+        jax_lowbit.quantize(w, args.pop("bits"), args.pop("group_size"),
+                            integer_group_scales=True, **args)

@@ -60,6 +60,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 #include "act_quant.h"
 #include "cuda/act_quant_target.h"
@@ -162,17 +163,29 @@ __device__ __forceinline__ void pass_turn(int warpgroup) {
 // instructions of a stage (docs/perf.md v16).
 constexpr int kStagedGroups = 8;
 
-template <int kBits, bool kSymmetric, int kGroupSteps, int kRows>
+// kIntegerScales: int4 symmetric weights whose group scales are integer
+// multiples m (0..16) of one scale per column (quantize(...,
+// integer_group_scales=True)): p.scales holds the multiples, uint8 (G, N), and
+// p.offsets the column scales, float32 (N,). The A registers hold (code - 8) *
+// m (SignedCodes<4>::a_fragment_scaled), so one s32 sum runs over all of K as
+// for one group: no group terms, no turns, and 256-row tiles above 128 rows
+// (docs/perf.md v23: the same kernel without groups runs 1.4x-1.6x faster than
+// float group scales).
+template <int kBits, bool kSymmetric, int kGroupSteps, int kRows, bool kIntegerScales>
 __global__ void __launch_bounds__(kThreads, 1)
     act_quant_large_m_kernel(const ActQuantArgs p, int row_tiles,
                              const __grid_constant__ StageMaps maps) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kOneGroup = kGroupSteps == 0;
-  static_assert(kOneGroup || kRows == 128, "groups leave registers for 128 rows");
+  // One s32 sum over all of K (no f32 sums of groups).
+  constexpr bool kOneSum = kOneGroup || kIntegerScales;
+  static_assert(kOneSum || kRows == 128, "groups leave registers for 128 rows");
+  static_assert(!kIntegerScales || (kBits == 4 && kSymmetric && !kOneGroup),
+                "integer group scales: int4 symmetric groups");
   using L = StageLayout<kBits, kRows>;
   using Codes = SignedCodes<kBits>;
   constexpr int kAccumulators = L::kAccumulators, kStages = L::kStages;
-  constexpr int kShift = Codes::kProductShift;
+  constexpr int kShift = kIntegerScales ? 0 : Codes::kProductShift;
   extern __shared__ __align__(1024) char smem[];
 
   const int group = threadIdx.x / 128;
@@ -194,9 +207,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int scale_bytes = float_bytes(p.scale_type);
 
   int32_t iacc[kAccumulators];  // left unset: the first wgmma of a group overwrites them
-  float facc[kOneGroup ? 1 : kAccumulators];
+  float facc[kOneSum ? 1 : kAccumulators];
 #pragma unroll
-  for (int i = 0; i < (kOneGroup ? 1 : kAccumulators); ++i) facc[i] = 0.f;
+  for (int i = 0; i < (kOneSum ? 1 : kAccumulators); ++i) facc[i] = 0.f;
   // Two A register sets: the set of step s + 1 is filled once the wgmma of
   // step s - 1 is done, while step s's runs.
   uint32_t a[2][4];
@@ -212,7 +225,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   int32_t* row_sums = reinterpret_cast<int32_t*>(row_scales + kRows);
   const uint32_t stage_bytes =
       L::kXBytes + L::kCodeBytes +
-      (kOneGroup ? 0 : (kSymmetric ? 1 : 2) * kScaleRows * kColumns * scale_bytes);
+      (kOneGroup        ? 0
+       : kIntegerScales ? kScaleRows * kColumns  // uint8 multiples
+                        : (kSymmetric ? 1 : 2) * kScaleRows * kColumns * scale_bytes);
   ring.init(kConsumerThreads / 32);
   // The A registers of step `step` of a stage, in two parts: the code words'
   // shared loads are issued before the wait for the wgmma of the step
@@ -235,7 +250,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       words[load] = make_uint4(pair.x, pair.y, 0, 0);
     }
   };
-  auto widen = [&](const Words& words, uint32_t(&frag)[4]) { Codes::a_fragment(words, 0, frag); };
+  // The A registers of step `step` of `stage` from its fetched words.
+  auto widen = [&](const char* stage, int step, const Words& words, uint32_t(&frag)[4]) {
+    if constexpr (kIntegerScales) {
+      // The two columns' multiples of the step's group: adjacent bytes of its row.
+      const uint32_t pair = *reinterpret_cast<const uint16_t*>(
+          stage + L::kScaleOffset + step / kPerGroup * kColumns + column);
+      Codes::a_fragment_scaled(words, pair & 0xFFu, pair >> 8, frag);
+    } else {
+      Codes::a_fragment(words, 0, frag);
+    }
+  };
   // After the last step of group `group_index` (step `step` of `stage`): its
   // term joins the f32 sums, as one fma: acc + f32(sum) * scale rounds once
   // where the spec rounds the product and the sum (docs/formats.md). The
@@ -305,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     ring.wait_full(0);
     Words words;
     fetch(smem, 0, words);
-    widen(words, a[0]);
+    widen(smem, 0, words, a[0]);
     for (int j = 0; j < stages; ++j) {
       const char* stage = smem + (j % kStages) * L::kBytes;
       const uint32_t x_base = shared_address(stage);
@@ -317,16 +342,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int set = step % 2;
         // Constants once the loop is unrolled, but for groups of whole stages.
         const bool starts_group =
-            kOneGroup ? j + step == 0 : step % kPerGroup == 0 && stage_starts;
+            kOneSum ? j + step == 0 : step % kPerGroup == 0 && stage_starts;
         // (32- and 64-row groups end 4 and 2 times a stage; the run-time test
         // of group_steps, always kGroupSteps there, keeps ptxas from scheduling
         // their terms together, which spilled up to 660 bytes.)
-        const bool ends_group = !kOneGroup && (step + 1) % kPerGroup == 0 && stage_ends &&
+        const bool ends_group = !kOneSum && (step + 1) % kPerGroup == 0 && stage_ends &&
                                 (kPerGroup == kSteps || p.group_steps == kGroupSteps);
         const bool first_group = j < stages_per_group && step < kPerGroup;
         const bool last_group = j >= stages - stages_per_group && step >= kSteps - kPerGroup;
         // This warpgroup's turn to issue a group's wgmmas (see the header).
-        if (!kOneGroup && starts_group && (group == 1 || !first_group)) wait_turn(group);
+        if (!kOneSum && starts_group && (group == 1 || !first_group)) wait_turn(group);
         // B: rows 32 step .. + 31 of K, 32 bytes into every 128-byte row of xq.
         wgmma::fence();
         wgmma::Mma<int8_t>::mma(iacc, a[set], wgmma::descriptor_sw128(x_base + 32 * step),
@@ -334,17 +359,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma::commit();
         if (ends_group && (group == 0 || !last_group)) pass_turn(group);
         const bool more = step + 1 < kSteps || j + 1 < stages;
+        // The step whose A registers are filled next: step + 1 of this stage or 0 of the next.
+        const char* next_stage = step + 1 < kSteps ? stage : smem + ((j + 1) % kStages) * L::kBytes;
+        const int next_step = (step + 1) % kSteps;
         if (step + 1 < kSteps) {
           fetch(stage, step + 1, words);
         } else if (more) {
           ring.wait_full(j + 1);
-          fetch(smem + ((j + 1) % kStages) * L::kBytes, 0, words);
+          fetch(next_stage, 0, words);
         }
         // The stage before is done with (its wgmmas, and its group terms formed
         // below), and the A set of the next step is filled.
         auto advance = [&] {
           if (step == 0 && j > 0) ring.release(j - 1);
-          if (more) widen(words, a[1 - set]);
+          if (more) widen(next_stage, next_step, words, a[1 - set]);
         };
         // One branch waits for all wgmmas and reads the accumulators: ptxas
         // serializes every wgmma if a path reaches such reads without that wait.
@@ -367,12 +395,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("bar.sync 3, %0;\n" ::"n"(kConsumerThreads) : "memory");
   }
 
-  // y[m, col] from a column's sum: the f32 sum of groups, or with one group
-  // the s32 sum of which the single term is formed (acc = 0 + term).
+  // The scale of a column's single term: its one group's, or its column scale.
+  auto column_scale = [&](int col) {
+    return kIntegerScales ? static_cast<const float*>(p.offsets)[col]
+                          : load_float(p.scales, col, p.scale_type);
+  };
+  // y[m, col] from a column's sum: the f32 sum of groups, or with one sum the
+  // s32 sum of which the single term is formed (acc = 0 + term).
   auto finish = [&](int m, int col, auto sum) {
     float acc;
-    if constexpr (kOneGroup) {
-      const float scale = load_float(p.scales, col, p.scale_type);
+    if constexpr (kOneSum) {
+      const float scale = column_scale(col);
       const float offset = kSymmetric ? 0.f : load_float(p.offsets, col, p.scale_type);
       acc = add_rn(0.f, group_term(int32_t(sum) >> kShift, kSymmetric ? 0 : row_sums[m - row0],
                                    kBits, kSymmetric, scale, offset));
@@ -389,7 +422,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) finish(row0 + row, col + e, sum[e]);
     };
-    if constexpr (kOneGroup) {
+    if constexpr (kOneSum) {
       const int32_t(&sums)[1][kAccumulators] =
           *reinterpret_cast<const int32_t(*)[1][kAccumulators]>(&iacc);
       add_split_partials<kConsumerThreads>(sums, smem, rows, column, finish_quad);
@@ -409,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float scale[2] = {0.f, 0.f}, offset[2] = {0.f, 0.f};
 #pragma unroll
   for (int c = 0; c < 2; ++c) {
-    if (kOneGroup) scale[c] = load_float(p.scales, col + c, p.scale_type);
+    if (kOneSum) scale[c] = column_scale(col + c);
     if (kOneGroup && !kSymmetric) offset[c] = load_float(p.offsets, col + c, p.scale_type);
   }
   auto store_rows = [&](auto out) {
@@ -425,7 +458,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int r = i + 2 * c + h;
-          if constexpr (kOneGroup) {
+          if constexpr (kOneSum) {
             v[c] = add_rn(0.f, group_term(iacc[r] >> kShift, sum_x, kBits, kSymmetric, scale[c],
                                           offset[c]));
           } else {
@@ -448,27 +481,30 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // The tensor maps of a stage's tiles (see StageMaps); false if the driver
-// refuses one.
-bool make_maps(const ActQuantArgs& args, int rows, StageMaps& maps) {
+// refuses one. With integer group scales the scales are uint8 multiples and
+// there are no offsets.
+bool make_maps(const ActQuantArgs& args, int rows, bool integer_scales, StageMaps& maps) {
   const int per_word = 32 / args.bits;
-  const int scale_size = float_bytes(args.scale_type);
+  const int scale_size = integer_scales ? 1 : float_bytes(args.scale_type);
   const uint32_t scale_rows = std::max(1, kSteps / args.group_steps);
   return tma::map_2d(&maps.x, args.xq, 1, args.m, args.k, rows, kStageK, true) &&
          tma::map_2d(&maps.codes, args.codes, 4, args.k / per_word, args.n, kStageK / per_word,
                      kCodeBlockColumns, false) &&
          tma::map_2d(&maps.scales, args.scales, scale_size, args.groups, args.n, scale_rows,
                      kColumns, false) &&
-         tma::map_2d(&maps.offsets, args.offsets, scale_size, args.groups, args.n, scale_rows,
-                     kColumns, false);
+         (integer_scales || tma::map_2d(&maps.offsets, args.offsets, scale_size, args.groups,
+                                        args.n, scale_rows, kColumns, false));
 }
 
-template <int kBits, bool kSymmetric, int kGroupSteps, int kRows = 128>
+template <int kBits, bool kSymmetric, int kGroupSteps, int kRows = 128,
+          bool kIntegerScales = false>
 cudaError_t launch(const ActQuantArgs& args, int device, cudaStream_t stream) {
   constexpr bool kOneGroup = kGroupSteps == 0;
   using L = StageLayout<kBits, kRows>;
-  constexpr auto kernel = act_quant_large_m_kernel<kBits, kSymmetric, kGroupSteps, kRows>;
+  constexpr auto kernel =
+      act_quant_large_m_kernel<kBits, kSymmetric, kGroupSteps, kRows, kIntegerScales>;
   StageMaps maps;
-  if (!make_maps(args, kRows, maps)) return cudaErrorInvalidValue;
+  if (!make_maps(args, kRows, kIntegerScales, maps)) return cudaErrorInvalidValue;
   cudaError_t err = allow_shared_memory<kernel>(device, L::kSharedBytes);
   if (err != cudaSuccess) return err;
   const int row_tiles = (args.m + kRows - 1) / kRows;
@@ -506,6 +542,25 @@ cudaError_t launch_bits(const ActQuantArgs& args, bool symmetric, int device,
   }
 }
 
+// Integer group scales (int4 symmetric): one sum over K like one group, so
+// 256-row tiles above 128 rows.
+template <int kGroupSteps>
+cudaError_t launch_integer_scales_rows(const ActQuantArgs& args, int device,
+                                       cudaStream_t stream) {
+  return args.m >= kWideRowsMinRows
+             ? launch<4, true, kGroupSteps, 256, true>(args, device, stream)
+             : launch<4, true, kGroupSteps, 128, true>(args, device, stream);
+}
+
+cudaError_t launch_integer_scales(const ActQuantArgs& args, int device, cudaStream_t stream) {
+  switch (args.group_steps) {  // a power of two
+    case 1: return launch_integer_scales_rows<1>(args, device, stream);
+    case 2: return launch_integer_scales_rows<2>(args, device, stream);
+    case 4: return launch_integer_scales_rows<4>(args, device, stream);
+    default: return launch_integer_scales_rows<kStagedGroups>(args, device, stream);
+  }
+}
+
 ffi::Error act_quant_gemm_large_m_impl(cudaStream_t stream, ffi::Buffer<ffi::S8> xq,
                                        ffi::Buffer<ffi::F32> x_scales,
                                        ffi::Buffer<ffi::S32> group_sums,
@@ -537,4 +592,75 @@ ffi::Error act_quant_gemm_large_m_impl(cudaStream_t stream, ffi::Buffer<ffi::S8>
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitActQuantGemmLargeMCuda,
                               jax_lowbit::act_quant_gemm_large_m_impl,
                               jax_lowbit::act_quant_binding(),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+
+namespace jax_lowbit {
+namespace {
+
+// Int4 symmetric weights with integer group scales (the kernel's
+// kIntegerScales): xq (M, K) interleaved for int4 codes and x_scales (M,)
+// from the pre-pass, codes (K / 8, N), the multiples uint8 (G, N), the column
+// scales float32 (N,), y (M, N); attribute group_size.
+ffi::Error act_quant_gemm_integer_scales_impl(cudaStream_t stream, ffi::Buffer<ffi::S8> xq,
+                                              ffi::Buffer<ffi::F32> x_scales,
+                                              ffi::Buffer<ffi::U32> codes,
+                                              ffi::Buffer<ffi::U8> multiples,
+                                              ffi::Buffer<ffi::F32> column_scales,
+                                              ffi::Result<ffi::AnyBuffer> y, int64_t group_size) {
+  constexpr const char* kName = "act_quant_gemm (integer group scales)";
+  const auto x_dims = xq.dimensions(), code_dims = codes.dimensions();
+  const auto multiple_dims = multiples.dimensions(), y_dims = y->dimensions();
+  if (x_dims.size() != 2 || code_dims.size() != 2 || multiple_dims.size() != 2 ||
+      x_scales.dimensions().size() != 1 || column_scales.dimensions().size() != 1 ||
+      y_dims.size() != 2) {
+    return ffi::Error::InvalidArgument(
+        std::string(kName) + ": needs xq (M, K), x_scales (M,), codes (K / 8, N), multiples "
+                             "(G, N), column scales (N,) and y (M, N)");
+  }
+  const int64_t m = x_dims[0], k = x_dims[1], n = code_dims[1];
+  const int64_t group_steps = group_size / kStepK;
+  if (group_size <= 0 || group_size % kStepK != 0 || (group_steps & (group_steps - 1)) != 0 ||
+      k % group_size != 0 || k % kStageK != 0 || n % 16 != 0 || k > INT32_MAX / 2 ||
+      n > INT32_MAX / 2 || m > INT32_MAX || code_dims[0] != k / 8 ||
+      multiple_dims[0] != k / group_size || multiple_dims[1] != n ||
+      column_scales.dimensions()[0] != n || x_scales.dimensions()[0] != m || y_dims[0] != m ||
+      y_dims[1] != n || !act_quant_float_type(y->element_type())) {
+    return ffi::Error::InvalidArgument(
+        std::string(kName) + ": needs groups of 32 * 2^i rows dividing K, K % 128 == 0, "
+                             "N % 16 == 0, shapes as above and y of f32, bf16 or f16");
+  }
+  int device = 0;
+  ffi::Error error = current_sm90_device(kName, device);
+  if (error.failure()) return error;
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {  // an empty sum: y = 0 (zero bits in every float type)
+    const size_t bytes = size_t(m) * n * float_bytes(float_type(y->element_type()));
+    return launch_status(cudaMemsetAsync(y->untyped_data(), 0, bytes, stream), kName);
+  }
+  const ActQuantArgs args{xq.typed_data(),          x_scales.typed_data(),
+                          nullptr,                  codes.typed_data(),
+                          multiples.typed_data(),   column_scales.typed_data(),
+                          y->untyped_data(),        static_cast<int>(m),
+                          static_cast<int>(k),      static_cast<int>(n),
+                          static_cast<int>(k / group_size), static_cast<int>(group_steps),
+                          4,                        float_type(y->element_type()),
+                          FloatType::kF32};
+  // (cudaErrorInvalidValue: the driver refused a TMA tensor map.)
+  return launch_status(launch_integer_scales(args, device, stream), kName);
+}
+
+}  // namespace
+}  // namespace jax_lowbit
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitActQuantGemmIntegerScalesCuda,
+                              jax_lowbit::act_quant_gemm_integer_scales_impl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S8>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::U8>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Attr<int64_t>("group_size"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

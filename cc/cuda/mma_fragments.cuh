@@ -241,6 +241,19 @@ struct SignedCodes<4> {
     a[2] = high_nibbles(word_of(w[0], 2 * p));
     a[3] = high_nibbles(word_of(w[0], 2 * p + 1));
   }
+  // With integer group scales m0, m1 (0..16) of the lane's two columns, the
+  // same k slots hold (code - 8) * m (-128..112), not 16 (code - 8): each
+  // nibble is masked into its byte, one integer multiply-add per register
+  // forms (code - 8) * m + 128 in all four bytes at once (0..248, so no
+  // carry crosses a byte), and flipping the top bits makes the bytes signed.
+  static __device__ __forceinline__ void a_fragment_scaled(const uint4 (&w)[kLoads], uint32_t m0,
+                                                           uint32_t m1, uint32_t (&a)[4]) {
+    const uint32_t bias0 = (128u - 8u * m0) * 0x01010101u, bias1 = (128u - 8u * m1) * 0x01010101u;
+    a[0] = ((w[0].x & 0x0F0F0F0Fu) * m0 + bias0) ^ 0x80808080u;
+    a[1] = ((w[0].y & 0x0F0F0F0Fu) * m1 + bias1) ^ 0x80808080u;
+    a[2] = (((w[0].x >> 4) & 0x0F0F0F0Fu) * m0 + bias0) ^ 0x80808080u;
+    a[3] = (((w[0].y >> 4) & 0x0F0F0F0Fu) * m1 + bias1) ^ 0x80808080u;
+  }
   // Activation bytes 0, 4, 1, 5 and 2, 6, 3, 7.
   static __device__ __forceinline__ void b_fragment(uint2 x, uint32_t& b0, uint32_t& b1) {
     b0 = __byte_perm(x.x, x.y, 0x5140);

@@ -89,12 +89,56 @@ __device__ __forceinline__ uint32_t quantize4(const float (&v)[4], float scale, 
   return packed;
 }
 
+// A weight's integer group scales (docs/formats.md; act_bits=8 lowers such
+// weights to the wgmma kernel's integer-scale form): from its float32 scales
+// (G, N), each column's c = max_g scale / 16 and the multiples m = scale / c
+// (integers 0..16) as uint8. CTAs past the M rows of the same launch derive
+// them, 32 columns a CTA, 8 threads a column: as XLA ops (a reduction and a
+// division, two launches of their own) they cost W4A8 g128 about 20 µs a
+// suite pass at 256 rows (docs/perf.md v23). Null scales: nothing to derive.
+struct IntegerScales {
+  const float* scales;  // (G, N)
+  float* column;        // (N,)
+  uint8_t* multiples;   // (G, N)
+  int groups, n;
+};
+constexpr int kSlices = 8;                         // threads a column
+constexpr int kScaleColumns = kThreads / kSlices;  // columns a CTA: one warp's lanes
+
+__device__ void derive_integer_scales(const IntegerScales& w, int block) {
+  __shared__ float slice_max[kThreads];
+  const int col = block * kScaleColumns + threadIdx.x % kScaleColumns;
+  const int slice = threadIdx.x / kScaleColumns;
+  float largest = 0.f;
+  for (int g = slice; col < w.n && g < w.groups; g += kSlices) {
+    largest = fmaxf(largest, w.scales[int64_t{g} * w.n + col]);
+  }
+  slice_max[threadIdx.x] = largest;
+  __syncthreads();
+  for (int i = 1; i < kSlices; ++i) {
+    const int other = (slice + i) % kSlices;
+    largest = fmaxf(largest, slice_max[other * kScaleColumns + threadIdx.x % kScaleColumns]);
+  }
+  if (col >= w.n) return;
+  const float c = largest / 16.f;  // exact: a power of two
+  if (slice == 0) w.column[col] = c;
+  for (int g = slice; g < w.groups; g += kSlices) {
+    const float m = c == 0.f ? 0.f : rintf(w.scales[int64_t{g} * w.n + col] / c);
+    w.multiples[int64_t{g} * w.n + col] = static_cast<uint8_t>(fminf(fmaxf(m, 0.f), 16.f));
+  }
+}
+
 // kInterleaveBits: 0 (xq in K order) or 4 / 8 (interleaved for such codes, see the header).
 template <typename T, int kInterleaveBits>
 __global__ void __launch_bounds__(kThreads)
     quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ xq,
                          float* __restrict__ scales, int32_t* __restrict__ group_sums,
-                         int m_rows, int k, int group_rows, int groups) {
+                         int m_rows, int k, int group_rows, int groups,
+                         const IntegerScales integer_scales) {
+  if (int(blockIdx.x) >= m_rows) {
+    derive_integer_scales(integer_scales, int(blockIdx.x) - m_rows);
+    return;
+  }
   // Interleaved, a thread takes the eight elements of one fragment lane.
   constexpr int kElements = kInterleaveBits ? 8 : 4;
   extern __shared__ int32_t sums[];
@@ -148,14 +192,18 @@ struct RowsArgs {
   float* scales;
   int32_t* group_sums;
   int m_rows, k, group_rows, groups;
+  IntegerScales integer_scales;  // scales null: none
 };
 
 template <typename T, int kInterleaveBits>
 cudaError_t launch(const RowsArgs& a, cudaStream_t stream) {
   const size_t shared_bytes = a.groups * sizeof(int32_t);
-  quantize_rows_kernel<T, kInterleaveBits><<<a.m_rows, kThreads, shared_bytes, stream>>>(
-      static_cast<const T*>(a.x), a.xq, a.scales, a.group_sums, a.m_rows, a.k, a.group_rows,
-      a.groups);
+  const int scale_blocks =
+      a.integer_scales.scales ? (a.integer_scales.n + kScaleColumns - 1) / kScaleColumns : 0;
+  quantize_rows_kernel<T, kInterleaveBits>
+      <<<a.m_rows + scale_blocks, kThreads, shared_bytes, stream>>>(
+          static_cast<const T*>(a.x), a.xq, a.scales, a.group_sums, a.m_rows, a.k, a.group_rows,
+          a.groups, a.integer_scales);
   return cudaGetLastError();
 }
 
@@ -168,11 +216,12 @@ cudaError_t launch_order(const RowsArgs& a, int interleave_bits, cudaStream_t st
   }
 }
 
-ffi::Error quantize_rows_impl(cudaStream_t stream, ffi::AnyBuffer x,
-                              ffi::Result<ffi::Buffer<ffi::S8>> xq,
-                              ffi::Result<ffi::Buffer<ffi::F32>> scales,
-                              ffi::Result<ffi::Buffer<ffi::S32>> group_sums, int64_t group_rows,
-                              int64_t interleave_bits) {
+// The checks of both targets; fills `args` (integer_scales left empty) or
+// names what is wrong.
+ffi::Error rows_problem(ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::S8>> xq,
+                        ffi::Result<ffi::Buffer<ffi::F32>> scales,
+                        ffi::Result<ffi::Buffer<ffi::S32>> group_sums, int64_t group_rows,
+                        int64_t interleave_bits, RowsArgs& args) {
   const auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("quantize_rows: x must be (M, K)");
   const int64_t m_rows = dims[0], k = dims[1];
@@ -201,13 +250,18 @@ ffi::Error quantize_rows_impl(cudaStream_t stream, ffi::AnyBuffer x,
     return ffi::Error::InvalidArgument("quantize_rows: at most " + std::to_string(kMaxGroups) +
                                        " groups per row");
   }
-  if (m_rows == 0) return ffi::Error::Success();
-  const RowsArgs args{x.untyped_data(),          xq->typed_data(),
-                      scales->typed_data(),      group_sums->typed_data(),
-                      static_cast<int>(m_rows),  static_cast<int>(k),
-                      static_cast<int>(group_rows), static_cast<int>(groups)};
+  args = RowsArgs{x.untyped_data(),           xq->typed_data(),
+                  scales->typed_data(),       group_sums->typed_data(),
+                  static_cast<int>(m_rows),   static_cast<int>(k),
+                  static_cast<int>(group_rows), static_cast<int>(groups),
+                  IntegerScales{}};
+  return ffi::Error::Success();
+}
+
+ffi::Error launch_rows(const RowsArgs& args, ffi::DataType type, int64_t interleave_bits,
+                       cudaStream_t stream) {
   const int bits = static_cast<int>(interleave_bits);
-  switch (x.element_type()) {
+  switch (type) {
     case ffi::F32:
       return launch_status(launch_order<float>(args, bits, stream), "quantize_rows");
     case ffi::BF16:
@@ -216,6 +270,44 @@ ffi::Error quantize_rows_impl(cudaStream_t stream, ffi::AnyBuffer x,
       return launch_status(launch_order<__half>(args, bits, stream), "quantize_rows");
     default: return ffi::Error::InvalidArgument("quantize_rows: x must be f32, bf16 or f16");
   }
+}
+
+ffi::Error quantize_rows_impl(cudaStream_t stream, ffi::AnyBuffer x,
+                              ffi::Result<ffi::Buffer<ffi::S8>> xq,
+                              ffi::Result<ffi::Buffer<ffi::F32>> scales,
+                              ffi::Result<ffi::Buffer<ffi::S32>> group_sums, int64_t group_rows,
+                              int64_t interleave_bits) {
+  RowsArgs args;
+  ffi::Error error = rows_problem(x, xq, scales, group_sums, group_rows, interleave_bits, args);
+  if (error.failure()) return error;
+  if (args.m_rows == 0) return ffi::Error::Success();
+  return launch_rows(args, x.element_type(), interleave_bits, stream);
+}
+
+// The pre-pass, and in the same launch a weight's integer group scales
+// (IntegerScales): weight_scales (G, N) float32 in, column (N,) float32 and
+// multiples (G, N) uint8 out.
+ffi::Error quantize_rows_integer_scales_impl(
+    cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> weight_scales,
+    ffi::Result<ffi::Buffer<ffi::S8>> xq, ffi::Result<ffi::Buffer<ffi::F32>> scales,
+    ffi::Result<ffi::Buffer<ffi::S32>> group_sums, ffi::Result<ffi::Buffer<ffi::F32>> column,
+    ffi::Result<ffi::Buffer<ffi::U8>> multiples, int64_t group_rows, int64_t interleave_bits) {
+  RowsArgs args;
+  ffi::Error error = rows_problem(x, xq, scales, group_sums, group_rows, interleave_bits, args);
+  if (error.failure()) return error;
+  const auto w_dims = weight_scales.dimensions();
+  if (w_dims.size() != 2 || column->dimensions().size() != 1 ||
+      column->dimensions()[0] != w_dims[1] || multiples->dimensions().size() != 2 ||
+      multiples->dimensions()[0] != w_dims[0] || multiples->dimensions()[1] != w_dims[1] ||
+      w_dims[0] > INT32_MAX || w_dims[1] > INT32_MAX) {
+    return ffi::Error::InvalidArgument(
+        "quantize_rows: weight scales (G, N) give column scales (N,) and multiples (G, N)");
+  }
+  args.integer_scales = IntegerScales{weight_scales.typed_data(), column->typed_data(),
+                                      multiples->typed_data(), static_cast<int>(w_dims[0]),
+                                      static_cast<int>(w_dims[1])};
+  if (args.m_rows == 0 && args.integer_scales.n == 0) return ffi::Error::Success();
+  return launch_rows(args, x.element_type(), interleave_bits, stream);
 }
 
 }  // namespace
@@ -228,6 +320,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitQuantizeRowsCuda, jax_lowbit::quantize_rows_
                                   .Ret<xla::ffi::Buffer<xla::ffi::S8>>()
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Ret<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Attr<int64_t>("group_rows")
+                                  .Attr<int64_t>("interleave_bits"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitQuantizeRowsIntegerScalesCuda,
+                              jax_lowbit::quantize_rows_integer_scales_impl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S8>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>()
                                   .Attr<int64_t>("group_rows")
                                   .Attr<int64_t>("interleave_bits"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

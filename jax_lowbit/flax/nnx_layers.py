@@ -64,6 +64,7 @@ class QuantLinear(nnx.Module):
         self.group_size = weight.group_size
         self.symmetric = weight.symmetric
         self.sparsity = weight.sparsity
+        self.integer_group_scales = weight.integer_group_scales
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias), **bias_metadata)
         self.dtype = dtype
         self.output_shape = None if output_shape is None else tuple(output_shape)
@@ -120,7 +121,8 @@ class QuantLinear(nnx.Module):
             self.codes[...], self.scales[...],
             None if self.offsets is None else self.offsets[...],
             (self.in_features, self.out_features), self.bits, self.group_size, self.symmetric,
-            None if self.metadata is None else self.metadata[...], self.sparsity)
+            None if self.metadata is None else self.metadata[...], self.sparsity,
+            self.integer_group_scales)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.asarray(x)
