@@ -108,6 +108,17 @@ def test_quantize_model_2_4_sparse(rng):
                                atol=1e-4)
 
 
+def test_quantize_model_integer_group_scales(rng):
+    model = MLP(nnx.Rngs(0), widths=(128, 256, 256, 16))
+    quantize_model(model, bits=4, group_size=64, scale_dtype=jnp.float32,
+                   integer_group_scales=True, verbose=False)
+    weight = model.head.weight  # rebuilt from the layer's arrays: the flag is kept
+    assert weight.integer_group_scales and weight.scales.dtype == jnp.float32
+    x = jnp.asarray(rng.normal(size=(3, 256)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(model.head(x)), _reference(model.head, x), rtol=1e-5,
+                               atol=1e-4)
+
+
 def test_quantized_weights_are_not_params(rng):
     model = quantize_model(MLP(nnx.Rngs(0)), bits=4, verbose=False)
     params = nnx.state(model, nnx.Param)

@@ -241,3 +241,17 @@ def test_integer_group_scales_need_int4_symmetric_float32_groups(kwargs, rng):
     with pytest.raises(ValueError, match="integer_group_scales=True needs bits=4"):
         jax_lowbit.quantize(w, args.pop("bits"), args.pop("group_size"),
                             integer_group_scales=True, **args)
+
+
+def test_integer_group_scales_survive_export(rng):
+    """The flag is static data: jax.export writes it into the exported tree."""
+    w = rng.normal(size=(256, 32)).astype(np.float32)
+    qw = jax_lowbit.quantize(w, 4, 128, scale_dtype=jnp.float32, integer_group_scales=True)
+    x = jnp.asarray(rng.normal(size=(4, 256)), jnp.float32)
+    fn = jax.jit(lambda x, w: jax_lowbit.matmul(x, w, act_bits=8))
+    exported = jax.export.export(fn, disabled_checks=jax_lowbit.export_disabled_checks())(x, qw)
+    restored = jax.export.deserialize(exported.serialize())
+    assert restored.in_tree == exported.in_tree
+    assert jax.tree.unflatten(restored.in_tree, jax.tree.leaves(((x, qw), {})))[0][1] \
+        .integer_group_scales
+    np.testing.assert_array_equal(np.asarray(restored.call(x, qw)), np.asarray(fn(x, qw)))
