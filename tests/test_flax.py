@@ -327,3 +327,6 @@ def test_quantize_model_calibration_bad_input(rng):
     with pytest.raises(ValueError, match="sparse"):
         quantize_model(model, bits=4, group_size=32, calibration=x, sparsity="2:4",
                        verbose=False)
+    with pytest.raises(ValueError, match="integer group scales"):
+        quantize_model(model, bits=4, group_size=32, calibration=x, scale_dtype=jnp.float32,
+                       integer_group_scales=True, verbose=False)

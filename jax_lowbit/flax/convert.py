@@ -155,6 +155,9 @@ def quantize_model(model, *, bits: int, group_size: int = 128, symmetric: bool =
         if sparsity is not None:
             raise ValueError("quantize_model: calibration (GPTQ) does not make 2:4 sparse "
                              "weights; leave out sparsity")
+        if quantize_kwargs.get("integer_group_scales"):
+            raise ValueError("quantize_model: calibration (GPTQ) does not make integer group "
+                             "scales; leave out integer_group_scales")
         if any(not path for path, _ in fitting):
             raise ValueError("quantize_model: calibration needs a model with submodules "
                              "(the root itself cannot be stood in for)")
