@@ -78,7 +78,7 @@ def group_grid(grouped: jax.Array, bits: int, *, symmetric: bool, scale_dtype,
     return scales, offsets
 
 
-def integer_group_scales(grouped: jax.Array) -> jax.Array:
+def integer_scale_grid(grouped: jax.Array) -> jax.Array:
     """float32 scales (G, N) of int4 symmetric ``grouped`` weights (G, rows, N)
     whose groups share one scale per column: ``c = absmax / 120`` of the column
     rounded up to bfloat16 precision, and group g's scale ``c * m`` with the
@@ -141,7 +141,7 @@ def _packed_arrays(w, *, bits, rows, symmetric, scale_dtype, method, ternary, sp
         rows //= 2
     grouped = values.reshape(-1, rows, values.shape[1])
     if integer:
-        scales, offsets = integer_group_scales(grouped), None
+        scales, offsets = integer_scale_grid(grouped), None
     else:
         scales, offsets = group_grid(grouped, bits, symmetric=symmetric,
                                      scale_dtype=scale_dtype, method=method, ternary=ternary)
