@@ -9,7 +9,7 @@ from jax_lowbit import act_quant_lowering, lowering  # noqa: F401  (registers th
 from jax_lowbit.act_quant_primitives import act_quant_matmul_p, check_act_bits
 from jax_lowbit.primitives import WeightFormat, dequantize_p, matmul_p
 from jax_lowbit.quantized_weight import QuantizedWeight
-from jax_lowbit.validation import check_float_dtype
+from jax_lowbit.validation import check_float_dtype, check_integer_group_scales
 
 
 def _operands(qw: QuantizedWeight, caller: str):
@@ -19,11 +19,9 @@ def _operands(qw: QuantizedWeight, caller: str):
         raise ValueError(f"{caller}: a QuantizedWeight has metadata exactly when it has a "
                          f"sparsity, got sparsity={qw.sparsity!r} and metadata "
                          f"{'None' if qw.metadata is None else 'given'}")
-    if qw.integer_group_scales and (
-            qw.bits != 4 or not qw.symmetric or qw.group_size == -1 or qw.sparsity is not None
-            or jnp.dtype(qw.scales.dtype) != jnp.float32):
-        raise ValueError(f"{caller}: integer_group_scales needs int4 symmetric weights with "
-                         "groups (group_size not -1), float32 scales and no sparsity")
+    if qw.integer_group_scales:
+        check_integer_group_scales(caller, qw.bits, qw.symmetric, qw.group_size, qw.sparsity,
+                                   qw.scales.dtype)
     fmt = WeightFormat(tuple(qw.shape), qw.bits, qw.group_size, qw.symmetric, qw.sparsity,
                        qw.integer_group_scales)
     operands = (qw.codes, qw.scales) + tuple(a for a in (qw.offsets, qw.metadata) if a is not None)

@@ -11,7 +11,8 @@ from jax_lowbit import formats
 from jax_lowbit.hqq import optimize_zero_points
 from jax_lowbit.quantized_weight import QuantizedWeight
 from jax_lowbit.sparsity import compress_2_4
-from jax_lowbit.validation import as_weight_matrix, check_weight_format
+from jax_lowbit.validation import (as_weight_matrix, check_integer_group_scales,
+                                   check_weight_format)
 
 
 def _round_toward(value: jax.Array, dtype, direction: int) -> jax.Array:
@@ -208,12 +209,9 @@ def quantize(w, bits: int, group_size: int = 128, *, symmetric: bool = True,
         raise ValueError("method='hqq' refines zero points: use symmetric=False")
     if ternary and (bits != 2 or not symmetric or method != "rtn"):
         raise ValueError("ternary=True needs bits=2, symmetric=True and method='rtn'")
-    if integer_group_scales and (bits != 4 or not symmetric or group_size == -1 or ternary
-                                 or method != "rtn" or sparsity is not None
-                                 or jnp.dtype(scale_dtype) != jnp.float32):
-        raise ValueError("integer_group_scales=True needs bits=4, symmetric=True, "
-                         "scale_dtype=jnp.float32, a group_size other than -1, "
-                         "method='rtn', no ternary and no sparsity")
+    if integer_group_scales:  # (ternary needs bits=2, HQQ asymmetric weights: refused here too)
+        check_integer_group_scales("quantize", bits, symmetric, group_size, sparsity,
+                                   scale_dtype)
     if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
         raise ValueError("quantize: w contains NaN or Inf")
 

@@ -55,6 +55,16 @@ def check_weight_format(k: int, bits, group_size, scale_dtype, sparsity=None) ->
         raise ValueError(reason)
 
 
+def check_integer_group_scales(caller: str, bits, symmetric, group_size, sparsity,
+                               scale_dtype) -> None:
+    """Raises ValueError unless a weight with integer group scales
+    (docs/formats.md) is int4, symmetric, grouped, dense, with float32 scales."""
+    if (bits != 4 or not symmetric or group_size == -1 or sparsity is not None
+            or jnp.dtype(scale_dtype) != jnp.float32):
+        raise ValueError(f"{caller}: integer_group_scales needs int4 symmetric weights with "
+                         "groups (group_size not -1), float32 scales and no sparsity")
+
+
 def as_weight_matrix(w, caller: str):
     """``w`` as an array, after checking that it is a 2-D float (K, N) matrix."""
     if not hasattr(w, "shape") or not hasattr(w, "dtype"):

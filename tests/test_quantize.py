@@ -233,12 +233,13 @@ def test_integer_group_scales(group_size, rng):
     assert jax.tree.unflatten(tree, leaves).integer_group_scales
 
 
-@pytest.mark.parametrize("kwargs", [dict(bits=8), dict(symmetric=False), dict(group_size=-1),
-                                    dict(scale_dtype=jnp.bfloat16), dict(sparsity="2:4")])
+@pytest.mark.parametrize("kwargs", [
+    dict(bits=8), dict(symmetric=False), dict(group_size=-1), dict(scale_dtype=jnp.bfloat16),
+    dict(sparsity="2:4"), dict(bits=2, ternary=True), dict(symmetric=False, method="hqq")])
 def test_integer_group_scales_need_int4_symmetric_float32_groups(kwargs, rng):
     w = rng.normal(size=(128, 16)).astype(np.float32)
     args = dict(bits=4, group_size=64, symmetric=True, scale_dtype=jnp.float32) | kwargs
-    with pytest.raises(ValueError, match="integer_group_scales=True needs bits=4"):
+    with pytest.raises(ValueError, match="quantize: integer_group_scales needs int4 symmetric"):
         jax_lowbit.quantize(w, args.pop("bits"), args.pop("group_size"),
                             integer_group_scales=True, **args)
 
